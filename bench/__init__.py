@@ -1,0 +1,1 @@
+"""Kernel and layer benchmarks: python -m bench."""

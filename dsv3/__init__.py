@@ -1,0 +1,1 @@
+"""DeepSeek-V3 model: config, MLA, DeepSeek MoE on tritonmoe kernels, MTP, checkpoints, training."""
