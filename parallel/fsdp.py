@@ -1,0 +1,135 @@
+"""FSDP2 wrapping for a model with (optionally expert-parallel) MoE layers, activation checkpointing, and
+gradient-norm clipping that is correct when parameters live on different meshes.
+
+In: a built model (after `apply_expert_parallel` when ep > 1) and the meshes from `build_meshes`.
+Units, innermost first: each MoE layer's routed experts over the expert mesh's "edp" dimension (their
+DTensor "ep" sharding stays as it is, so they end up 2-D sharded), then each block (the entries of the
+model's ModuleLists: decoder layers and MTP modules) over the dense mesh, then the root (embeddings, final
+norm, head) over the dense mesh. This is the composition that FSDP1 could not express without patching
+PyTorch (pytorch/pytorch#149396): separate meshes, unpatched `fully_shard`.
+
+Gradient scale of experts: a local expert's gradient already sums the contributions of the tokens of all
+ep ranks (they came through the all-to-all); FSDP's reduce-scatter over "edp" then sums over the edp
+groups, so the sum covers every rank once and must be divided by the world size, not by edp (FSDP's
+default). Dense parameters get FSDP's default average over the dense mesh (= the world).
+"""
+
+import functools
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Replicate
+from torch.utils.checkpoint import checkpoint
+
+from .expert_parallel import find_moe_layers
+
+
+def find_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks: entries of every ModuleList/ModuleDict, outermost only (a block's own lists,
+    if any, stay inside it). For DeepSeek-V3 these are the decoder layers and the MTP modules."""
+    blocks: list[nn.Module] = []
+    inside: set[int] = set()
+    for _, m in model.named_modules():
+        if id(m) in inside or not isinstance(m, (nn.ModuleList, nn.ModuleDict)):
+            continue
+        for child in m.children():
+            blocks.append(child)
+            inside.update(id(d) for d in child.modules())
+    return blocks
+
+
+class _RestoreBuffers:
+    """Recompute context for activation checkpointing: a block's buffers (e.g. the router's per-expert token
+    counters) are put back as they were, so recomputing the forward in backward does not count twice."""
+
+    def __init__(self, block: nn.Module):
+        self.block = block
+
+    def __enter__(self):
+        self.saved = [(b, b.detach().clone()) for b in self.block.buffers()]
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for b, v in self.saved:
+                b.copy_(v)
+        return False
+
+
+def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
+    """Recompute each block's forward in backward (non-reentrant torch.utils.checkpoint), in place.
+
+    The block's forward is wrapped on the instance, so module names and state-dict keys do not change.
+    Apply before `apply_fsdp`: FSDP's hooks sit on the module call, around the checkpointed forward.
+    """
+    for block in find_blocks(model):
+        inner = block.forward
+
+        def forward(*args, _inner=inner, _block=block, **kwargs):
+            return checkpoint(_inner, *args, use_reentrant=False,
+                              context_fn=lambda: (_NullCtx(), _RestoreBuffers(_block)), **kwargs)
+
+        block.forward = forward
+    return model
+
+
+class _NullCtx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def apply_fsdp(model: nn.Module, dense_mesh: DeviceMesh, expert_mesh: DeviceMesh | None = None, *,
+               param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype = torch.float32,
+               reshard_after_forward: bool = True) -> nn.Module:
+    """fully_shard experts over expert_mesh["edp"], every block and then the root over dense_mesh.
+
+    param_dtype=torch.bfloat16 gives bf16 compute with fp32 master weights and fp32 gradient reduction
+    (the GPU setting); None keeps the parameters' dtype. Returns the model (now an FSDP module).
+    """
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    world = dense_mesh.size()
+    if expert_mesh is not None:
+        edp_mesh = expert_mesh["edp"] if expert_mesh.ndim > 1 else expert_mesh
+        for _, moe in find_moe_layers(model):
+            fully_shard(moe.experts, mesh=edp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+            moe.experts.set_gradient_divide_factor(float(world))
+    for block in find_blocks(model):
+        fully_shard(block, mesh=dense_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=dense_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+def _replication(t: torch.Tensor) -> int:
+    """How many ranks hold each element of t's local shard (1 for a fully sharded DTensor)."""
+    if isinstance(t, DTensor):
+        return functools.reduce(lambda n, i: n * t.device_mesh.size(i),
+                                [i for i, p in enumerate(t.placements) if isinstance(p, Replicate)], 1)
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters, max_norm: float, group=None) -> torch.Tensor:
+    """Clip gradients by their global L2 norm over all ranks and meshes; returns the norm before clipping.
+
+    Each rank sums the squares of its local gradient shards, divided by how many ranks hold the same
+    elements (1 under FSDP, the world for a plain replicated tensor), and one all-reduce over `group`
+    (default: the world) adds dense and expert contributions together. Computed in fp32.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    device = grads[0].device if grads else torch.device("cpu")
+    total_sq = torch.zeros((), dtype=torch.float32, device=device)
+    for g in grads:
+        local = g.to_local() if isinstance(g, DTensor) else g
+        total_sq += local.float().pow(2).sum() / _replication(g)
+    if dist.is_initialized():
+        dist.all_reduce(total_sq, group=group)
+    norm = total_sq.sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        (g.to_local() if isinstance(g, DTensor) else g).mul_(scale.to(g.dtype))
+    return norm

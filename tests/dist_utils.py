@@ -1,0 +1,66 @@
+"""Run a function on N real gloo processes (CPU) and collect each rank's return value.
+
+Processes are forked (torch is already imported in the parent, so a group starts in well under a second
+instead of paying an interpreter + torch import per rank). Each child sets the torchrun environment
+variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), initialises the default gloo group,
+runs fn(*args), and reports its result or its traceback. One intra-op thread per rank: the CI machine has 2
+cores and a group has up to 4 ranks.
+"""
+
+import multiprocessing as mp
+import os
+import socket
+import traceback
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(rank, world, port, fn, args, queue):
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        result = fn(*args)
+        queue.put((rank, True, result))
+    except BaseException:  # report every failure, including SystemExit from an argparse error
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn, world: int, *args, timeout: float = 120.0) -> list:
+    """fn(*args) on `world` gloo ranks; returns [result of rank 0, ..., rank world-1].
+    Raises AssertionError with the failing ranks' tracebacks if any rank fails or times out."""
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_child, args=(r, world, port, fn, args, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results, errors = {}, {}
+    try:
+        for _ in range(world):
+            rank, ok, value = queue.get(timeout=timeout)
+            (results if ok else errors)[rank] = value
+            if errors:  # the others are probably blocked in a collective with the failed rank
+                break
+    except Exception as e:  # queue.Empty on timeout
+        errors[-1] = f"timed out after {timeout} s waiting for ranks ({type(e).__name__})"
+    finally:
+        for p in procs:
+            p.join(timeout=5 if not errors else 0.5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if errors:
+        raise AssertionError("\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items())))
+    return [results[r] for r in range(world)]
