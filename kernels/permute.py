@@ -1,6 +1,280 @@
-"""Token permute / unpermute under top-k routing.  (placeholder: twins only)"""
+"""Token permute / unpermute under top-k routing: token order [T, H] <-> expert order [R = T*K, H].
+
+``permute`` groups the K copies of every token row by expert (ascending) and, inside an expert, by token
+index (ascending; a token listing one expert twice keeps j ascending) -- the order is part of the contract,
+because the grouped GEMM reads contiguous per-expert blocks and the expert-parallel all-to-all sends them.
+``unpermute`` is the weighted combine back: y[t] = sum_j w[t, j] * y_sorted[row_map[t, j]], in fp32.
+
+The index work (a stable sort of the flat expert ids, a searchsorted for group sizes, a scatter for
+row_map) runs as torch device ops: no host sync, no Python loop over tokens or experts. The row moves are
+Triton kernels (``_permute_kernels``) in which each token row is read once and written K times (permute,
+and unpermute's d y_sorted), or read K times into one written row (unpermute, and permute's dx).
+
+Backend per call: CUDA tensors run the compiled kernels; CPU tensors run the same kernels through Triton's
+interpreter when TRITON_INTERPRET=1 (the tests), otherwise the plain-PyTorch twins ``permute_torch`` /
+``unpermute_torch`` (the CPU training example; vectorised, no per-token loops).
+
+Shape letters: T tokens, H hidden, K top-k, E experts, R = T*K routed rows.
+TRITONMOE_PERMUTE_BLOCK_H (a power of two) pins the H tile of every kernel, for debugging and small tests.
+"""
+
+import os
 
 import torch
+
+try:
+    import triton
+
+    from ._permute_kernels import _gather_rows_kernel, _scatter_rows_kernel, _unpermute_bwd_kernel
+except ImportError:  # no Triton wheel for this platform: the twins run everywhere
+    triton = None
+
+_ROW_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+# Widest H tile: 4 warps x 32 threads x 16 bytes, so every thread issues 16-byte accesses
+# (bf16: 1024 columns, fp32: 512). DeepSeek-V3's H=7168 splits into 7 (bf16) tiles with no tail.
+_NUM_WARPS_MAX = 4
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    if triton is None:
+        return False
+    if t.device.type == "cuda":
+        return True
+    return t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _tile(H: int, elem_size: int) -> tuple[int, int]:
+    """(BLOCK_H, num_warps) for rows of H elements of elem_size bytes."""
+    vec = 16 // elem_size
+    pinned = os.environ.get("TRITONMOE_PERMUTE_BLOCK_H")
+    if pinned:
+        block_h = int(pinned)
+        if block_h < 1 or block_h & (block_h - 1):
+            raise ValueError(f"TRITONMOE_PERMUTE_BLOCK_H must be a power of two, got {pinned!r}")
+    else:
+        block_h = min(triton.next_power_of_2(max(H, 1)), vec * 32 * _NUM_WARPS_MAX)
+    num_warps = max(1, min(_NUM_WARPS_MAX, block_h // (vec * 32)))
+    return block_h, num_warps
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launchers: allocate (or take a prefilled ``out``, which tests poison), pick the tile, launch. No checks on
+# user input here beyond internal asserts; the public functions validate.
+
+
+def _scatter_rows(src_TH, row_map_TK, w_TK, num_rows, out=None):
+    """out[row_map[t, j]] = (w[t, j] *) src[t]; each src row read once. Returns out [num_rows, H]."""
+    T, H = src_TH.shape
+    K = row_map_TK.shape[1]
+    if out is None:
+        # Rows no (t, j) points at would stay unwritten: only a full map may skip the zero fill.
+        alloc = torch.empty if num_rows == T * K else torch.zeros
+        out = alloc(num_rows, H, dtype=src_TH.dtype, device=src_TH.device)
+    assert out.shape == (num_rows, H) and out.stride(1) == 1
+    if T == 0 or H == 0 or K == 0:
+        return out
+    block_h, num_warps = _tile(H, out.element_size())
+    w_arg = w_TK if w_TK is not None else row_map_TK  # never read when HAS_W is False
+    _scatter_rows_kernel[(T, triton.cdiv(H, block_h))](
+        src_TH, row_map_TK, w_arg, out, H, num_rows,
+        src_TH.stride(0), src_TH.stride(1), row_map_TK.stride(0), row_map_TK.stride(1),
+        w_arg.stride(0), w_arg.stride(1), out.stride(0),
+        K=K, HAS_W=w_TK is not None, BLOCK_H=block_h, INTERPRET=src_TH.device.type == "cpu",
+        num_warps=num_warps)
+    return out
+
+
+def _gather_rows(src_RH, row_map_TK, w_TK, out=None):
+    """out[t] = sum_j (w[t, j] *) src[row_map[t, j]] in fp32, in src's dtype. Returns out [T, H]."""
+    R, H = src_RH.shape
+    T, K = row_map_TK.shape
+    if out is None:
+        out = torch.empty(T, H, dtype=src_RH.dtype, device=src_RH.device)
+    assert out.shape == (T, H) and out.stride(1) == 1
+    if T == 0 or H == 0:
+        return out
+    block_h, num_warps = _tile(H, src_RH.element_size())
+    w_arg = w_TK if w_TK is not None else row_map_TK  # never read when HAS_W is False
+    _gather_rows_kernel[(T, triton.cdiv(H, block_h))](
+        src_RH, row_map_TK, w_arg, out, H, R,
+        src_RH.stride(0), src_RH.stride(1), row_map_TK.stride(0), row_map_TK.stride(1),
+        w_arg.stride(0), w_arg.stride(1), out.stride(0),
+        K=K, HAS_W=w_TK is not None, BLOCK_H=block_h, INTERPRET=src_RH.device.type == "cpu",
+        num_warps=num_warps)
+    return out
+
+
+def _unpermute_bwd(dy_TH, y_sorted_RH, row_map_TK, w_TK, need_dys, dys_out=None, dw_out=None):
+    """Fused d y_sorted (if need_dys) and d topk_weights for unpermute with weights. Returns (dys, dw)."""
+    T, H = dy_TH.shape
+    R = y_sorted_RH.shape[0]
+    K = row_map_TK.shape[1]
+    dys = None
+    if need_dys:
+        dys = dys_out
+        if dys is None:
+            alloc = torch.empty if R == T * K else torch.zeros
+            dys = alloc(R, H, dtype=y_sorted_RH.dtype, device=y_sorted_RH.device)
+        assert dys.shape == (R, H) and dys.stride(1) == 1
+    dw = dw_out if dw_out is not None else torch.empty(T, K, dtype=w_TK.dtype, device=w_TK.device)
+    assert dw.shape == (T, K)
+    if T == 0 or K == 0:
+        return dys, dw
+    if H == 0:
+        return dys, dw.zero_()
+    block_h, num_warps = _tile(H, y_sorted_RH.element_size())
+    dys_arg = dys if dys is not None else y_sorted_RH  # never written when NEED_DYS is False
+    _unpermute_bwd_kernel[(T,)](
+        dy_TH, y_sorted_RH, row_map_TK, w_TK, dys_arg, dw, H, R,
+        dy_TH.stride(0), dy_TH.stride(1), y_sorted_RH.stride(0), y_sorted_RH.stride(1),
+        row_map_TK.stride(0), row_map_TK.stride(1), w_TK.stride(0), w_TK.stride(1),
+        dys_arg.stride(0), dw.stride(0), dw.stride(1),
+        K=K, BLOCK_K=triton.next_power_of_2(K), NEED_DYS=need_dys, BLOCK_H=block_h,
+        INTERPRET=dy_TH.device.type == "cpu", num_warps=num_warps)
+    return dys, dw
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Autograd
+
+
+class _PermuteRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TH, row_map_TK):
+        ctx.save_for_backward(row_map_TK)
+        return _scatter_rows(x_TH, row_map_TK, None, row_map_TK.numel())
+
+    @staticmethod
+    def backward(ctx, dx_sorted_RH):
+        (row_map_TK,) = ctx.saved_tensors
+        # dx[t] = sum_j dx_sorted[row_map[t, j]]: an unweighted unpermute.
+        return _gather_rows(dx_sorted_RH, row_map_TK, None), None
+
+
+class _UnpermuteRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_sorted_RH, row_map_TK, w_TK):
+        # y_sorted is needed only for the weight gradient; don't keep [R, H] alive otherwise.
+        need_dw = w_TK is not None and w_TK.requires_grad
+        ctx.save_for_backward(y_sorted_RH if need_dw else None, row_map_TK, w_TK)
+        ctx.num_rows = y_sorted_RH.shape[0]
+        return _gather_rows(y_sorted_RH, row_map_TK, w_TK)
+
+    @staticmethod
+    def backward(ctx, dy_TH):
+        y_sorted_RH, row_map_TK, w_TK = ctx.saved_tensors
+        need_dys, _, need_dw = ctx.needs_input_grad
+        dys = dw = None
+        if need_dw:
+            dys, dw = _unpermute_bwd(dy_TH, y_sorted_RH, row_map_TK, w_TK, need_dys)
+        elif need_dys:
+            dys = _scatter_rows(dy_TH, row_map_TK, w_TK, ctx.num_rows)
+        return dys, None, dw
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def _check_rows(name: str, t: torch.Tensor) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [rows, H], got shape {tuple(t.shape)}")
+    if t.dtype not in _ROW_DTYPES:
+        raise ValueError(f"{name} dtype must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _check_index(name: str, t: torch.Tensor) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [T, K], got shape {tuple(t.shape)}")
+    if t.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"{name} must be an integer tensor, got dtype {t.dtype}")
+
+
+def _check_range(name: str, idx: torch.Tensor, hi: int) -> None:
+    """All of idx in [0, hi): a ValueError on CPU; on CUDA an asynchronous device assert (no host sync)."""
+    if idx.numel() == 0:
+        return
+    if idx.device.type == "cuda":
+        torch._assert_async(((idx >= 0) & (idx < hi)).all(), f"{name} has values outside [0, {hi})")
+        return
+    lo_v, hi_v = idx.min().item(), idx.max().item()
+    if lo_v < 0 or hi_v >= hi:
+        raise ValueError(f"{name} values must lie in [0, {hi}), got {lo_v if lo_v < 0 else hi_v}")
+
+
+def _route(topk_idx_TK: torch.Tensor, num_experts: int):
+    """(group_sizes int64 [E], row_map int64 [T, K]) from the expert choices, all on device, no sync."""
+    T, K = topk_idx_TK.shape
+    flat = topk_idx_TK.reshape(-1)  # position t*K + j, so a stable sort keeps tokens (then j) ascending
+    if flat.dtype not in (torch.int32, torch.int64):
+        flat = flat.long()
+    experts_sorted, order = torch.sort(flat, stable=True)
+    bounds = torch.arange(num_experts + 1, dtype=flat.dtype, device=flat.device)
+    group_sizes = torch.searchsorted(experts_sorted, bounds).diff()
+    row_map = torch.empty_like(order)
+    row_map.scatter_(0, order, torch.arange(T * K, device=flat.device))
+    return group_sizes, row_map.view(T, K)
+
+
+def permute(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int):
+    """Group token rows by expert.
+
+    x [T, H] fp32/fp16/bf16; topk_idx int [T, K] in [0, num_experts). Returns
+    x_sorted [T*K, H] (expert ascending, then token ascending, then j), group_sizes int64 [num_experts],
+    row_map int64 [T, K] (row of x_sorted holding token t's j-th choice). Differentiable in x.
+    """
+    _check_rows("x", x)
+    _check_index("topk_idx", topk_idx)
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    if topk_idx.shape[0] != x.shape[0]:
+        raise ValueError(f"topk_idx has {topk_idx.shape[0]} rows but x has {x.shape[0]} tokens")
+    if topk_idx.device != x.device:
+        raise ValueError(f"x is on {x.device} but topk_idx is on {topk_idx.device}")
+    _check_range("topk_idx", topk_idx, num_experts)
+    if not _use_triton(x):
+        return permute_torch(x, topk_idx, num_experts)
+    group_sizes, row_map = _route(topk_idx, num_experts)
+    return _PermuteRows.apply(x, row_map), group_sizes, row_map
+
+
+def unpermute(y_sorted: torch.Tensor, row_map: torch.Tensor, topk_weights: torch.Tensor | None = None):
+    """Combine expert outputs back to token order.
+
+    y_sorted [R, H] fp32/fp16/bf16; row_map int [T, K] with distinct entries in [0, R) (as permute returns);
+    topk_weights [T, K] fp32/fp16/bf16 or None (all ones). Returns y [T, H] in y_sorted.dtype with
+    y[t] = sum_j topk_weights[t, j] * y_sorted[row_map[t, j]] summed in fp32. Differentiable in y_sorted
+    and topk_weights (whose gradient comes back in the weights' dtype).
+    """
+    _check_rows("y_sorted", y_sorted)
+    _check_index("row_map", row_map)
+    if row_map.device != y_sorted.device:
+        raise ValueError(f"y_sorted is on {y_sorted.device} but row_map is on {row_map.device}")
+    if topk_weights is not None:
+        if topk_weights.shape != row_map.shape:
+            raise ValueError(f"topk_weights shape {tuple(topk_weights.shape)} != row_map shape "
+                             f"{tuple(row_map.shape)}")
+        if topk_weights.dtype not in _ROW_DTYPES:
+            raise ValueError(f"topk_weights dtype must be float32, float16 or bfloat16, got {topk_weights.dtype}")
+        if topk_weights.device != y_sorted.device:
+            raise ValueError(f"y_sorted is on {y_sorted.device} but topk_weights is on {topk_weights.device}")
+    _check_range("row_map", row_map, y_sorted.shape[0])
+    if not _use_triton(y_sorted):
+        return unpermute_torch(y_sorted, row_map, topk_weights)
+    if y_sorted.requires_grad and row_map.numel() > 0:
+        # The d y_sorted scatter writes each mapped row once; a repeated row would race (the twin adds).
+        counts = torch.zeros(y_sorted.shape[0], dtype=torch.int32, device=row_map.device)
+        counts.scatter_add_(0, row_map.reshape(-1).long(), counts.new_ones(row_map.numel()))
+        if row_map.device.type == "cuda":
+            torch._assert_async((counts <= 1).all(), "row_map repeats a row of y_sorted")
+        elif (counts > 1).any():
+            raise ValueError(f"row_map repeats row {int(counts.argmax())} of y_sorted; rows must be distinct")
+    return _UnpermuteRows.apply(y_sorted, row_map, topk_weights)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PyTorch twins: the reference for tests and the CPU path. Differentiable through autograd.
 
 
 def permute_torch(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int):
@@ -19,11 +293,7 @@ def permute_torch(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int):
 def unpermute_torch(y_sorted: torch.Tensor, row_map: torch.Tensor, topk_weights=None) -> torch.Tensor:
     """y[t] = sum_j topk_weights[t,j] * y_sorted[row_map[t,j]] in fp32, returned in y_sorted.dtype."""
     T, K = row_map.shape
-    g = y_sorted[row_map.reshape(-1)].float().view(T, K, -1)
+    g = y_sorted[row_map.reshape(-1)].float().view(T, K, y_sorted.shape[1])
     if topk_weights is not None:
         g = g * topk_weights.float().unsqueeze(-1)
     return g.sum(1).to(y_sorted.dtype)
-
-
-permute = permute_torch
-unpermute = unpermute_torch
