@@ -1,0 +1,270 @@
+"""DeepSeek-V3 MoE block on tritonmoe kernels: router, dispatch seam, grouped experts, shared experts, and
+aux-loss-free load balancing.
+
+Shape letters: T tokens (batch * sequence flattened), H hidden, E routed experts (global), L experts held
+by this rank (L == E without expert parallelism), K experts per token, I expert intermediate size,
+R routed rows (T*K locally; whatever the all-to-all delivers under EP), B sequences, S sequence length.
+
+    x[...,H] -> x_TH -> Router (fp32)                  -> topk_idx_TK int64, topk_w_TK fp32
+             -> self.dispatcher(x_TH, topk_idx_TK, topk_w_TK, self.experts)              (the seam)
+                  LocalDispatcher: permute -> GroupedExperts(x_RH, group_sizes_L) -> weighted unpermute
+             -> + shared_experts(x_TH)                 -> y[...,H]
+
+The seam is the only place dispatch happens: tritonmoe.parallel swaps ``MoE.dispatcher`` for an
+all-to-all dispatcher and shards ``experts.gate_up_proj``/``down_proj`` on dim 0; GroupedExperts then
+reads its local slice through ``.to_local()``.  Nothing here reads a process group except
+``update_expert_bias``, which takes one as an argument.
+
+Aux-loss-free balancing (DeepSeek-V3 report, sec. 2.1.2): every Router counts the tokens it sends to each
+expert during training forwards, into a non-persistent int64 buffer; ``update_expert_bias`` (once per
+optimizer step) all-reduces all layers' counts in ONE collective and moves each expert's
+``e_score_correction_bias`` (a persistent fp32 buffer, never a parameter) by ``rate * sign(mean - count)``.
+Forwards under ``no_grad``, in eval mode, or re-run by activation checkpointing during backward are not
+counted, so each token is counted once per training forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import grouped_gemm, permute, unpermute
+from .config import DeepseekV3Config
+
+
+def _in_backward() -> bool:
+    """True while the autograd engine runs a backward pass: a forward executed then is a recomputation
+    (activation checkpointing, reentrant or not), which must not count tokens a second time."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _local(w: torch.Tensor) -> torch.Tensor:
+    """The rank-local part of an expert weight: a DTensor sharded over experts under EP, else the tensor."""
+    return w.to_local() if hasattr(w, "to_local") else w
+
+
+class AddAuxiliaryLoss(torch.autograd.Function):
+    """Identity on `x` whose backward also feeds d(aux)/d(aux) = 1 into `aux`, so that an auxiliary loss
+    computed inside a module reaches the gradients without the caller collecting it (as DeepSeek's and
+    ScatterMoE's training code do)."""
+
+    @staticmethod
+    def forward(ctx, x, aux):
+        ctx.aux_shape, ctx.aux_dtype = aux.shape, aux.dtype
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_x):
+        return grad_x, torch.ones(ctx.aux_shape, dtype=ctx.aux_dtype, device=grad_x.device)
+
+
+class MLP(nn.Module):
+    """SwiGLU MLP, down(silu(gate(x)) * up(x)): the dense layers' MLP and the shared experts."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Sigmoid, group-limited top-K routing with a selection-only bias (DeepSeek-V3 'noaux_tc').
+
+    forward(x_TH, num_seqs=1) -> (topk_idx_TK int64, topk_w_TK fp32).  The whole router runs in fp32
+    whatever the model dtype: routing decisions flip on small score differences.
+    """
+
+    def __init__(self, cfg: DeepseekV3Config):
+        super().__init__()
+        E = cfg.n_routed_experts
+        self.num_experts, self.top_k = E, cfg.num_experts_per_tok
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.norm_topk_prob, self.routed_scaling_factor = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.bias_update_rate, self.seq_aux_loss_alpha = cfg.bias_update_rate, cfg.seq_aux_loss_alpha
+        self.std = cfg.initializer_range
+        self.weight = nn.Parameter(torch.empty(E, cfg.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
+        self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.int64), persistent=False)
+        self.last_aux_loss: torch.Tensor | None = None  # detached value of the last sequence-wise loss
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.normal_(0.0, self.std)
+            self.e_score_correction_bias.zero_()
+            self.tokens_per_expert.zero_()
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bf16) must not round the bias: its updates (1e-3) are below bf16 resolution near 1.
+        bias = self.e_score_correction_bias
+        super()._apply(fn, recurse)
+        moved = self.e_score_correction_bias
+        if moved.dtype != torch.float32:
+            self._buffers["e_score_correction_bias"] = bias.to(device=moved.device, dtype=torch.float32)
+        return self
+
+    def forward(self, x_TH: torch.Tensor, num_seqs: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        T, E, G = x_TH.shape[0], self.num_experts, self.n_group
+        scores_TE = F.linear(x_TH.float(), self.weight.float()).sigmoid()
+        choice_TE = scores_TE + self.e_score_correction_bias
+        if self.topk_group < G:  # with every group kept the mask is a no-op
+            # Keep the topk_group groups whose two best biased scores sum highest; mask the rest out.
+            group_score_TG = choice_TE.view(T, G, E // G).topk(2, dim=-1).values.sum(-1)
+            keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
+            keep_TG.scatter_(1, group_score_TG.topk(self.topk_group, dim=-1, sorted=False).indices, True)
+            choice_TE = choice_TE.masked_fill(~keep_TG.repeat_interleave(E // G, dim=1), float("-inf"))
+        topk_idx_TK = choice_TE.topk(self.top_k, dim=-1, sorted=False).indices
+        topk_w_TK = scores_TE.gather(1, topk_idx_TK)  # weights from the unbiased scores
+        if self.norm_topk_prob:
+            topk_w_TK = topk_w_TK / (topk_w_TK.sum(-1, keepdim=True) + 1e-20)
+        topk_w_TK = topk_w_TK * self.routed_scaling_factor
+
+        if self.training and torch.is_grad_enabled() and not _in_backward():
+            with torch.no_grad():  # scatter-add, not bincount: no device sync
+                flat = topk_idx_TK.reshape(-1)
+                self.tokens_per_expert.index_add_(0, flat, torch.ones_like(flat))
+
+        self.last_aux_loss = None
+        if self.seq_aux_loss_alpha > 0 and self.training and torch.is_grad_enabled():
+            aux = self.seq_aux_loss_alpha * sequence_balance_loss(scores_TE, topk_idx_TK, num_seqs)
+            self.last_aux_loss = aux.detach()
+            topk_w_TK = AddAuxiliaryLoss.apply(topk_w_TK, aux)
+        return topk_idx_TK, topk_w_TK
+
+
+def sequence_balance_loss(scores_TE: torch.Tensor, topk_idx_TK: torch.Tensor, num_seqs: int) -> torch.Tensor:
+    """DeepSeek-V3 report eq. 17-20, without alpha: mean over sequences of sum_i f_i * P_i, where
+    f_i = E / (K * S) * (tokens of the sequence routed to i) and P_i = mean over the sequence of the
+    scores normalized over all experts.  Gradient flows through P only (f counts discrete choices)."""
+    T, E = scores_TE.shape
+    K = topk_idx_TK.shape[1]
+    if T % num_seqs:
+        raise ValueError(f"sequence_balance_loss: {T} tokens do not split into {num_seqs} sequences")
+    S = T // num_seqs
+    with torch.no_grad():
+        hits_BE = torch.zeros(num_seqs, E, device=scores_TE.device, dtype=torch.float32)
+        seq_of_row = torch.arange(T, device=scores_TE.device).div(S, rounding_mode="floor")
+        hits_BE.index_put_((seq_of_row.repeat_interleave(K), topk_idx_TK.reshape(-1)),
+                           torch.ones(T * K, device=scores_TE.device), accumulate=True)
+        f_BE = hits_BE * (E / (K * S))
+    p_BE = (scores_TE / scores_TE.sum(-1, keepdim=True)).view(num_seqs, S, E).mean(1)
+    return (f_BE * p_BE).sum(-1).mean()
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts as two stacked weights (transformers 5 layout): gate_up_proj [E,2I,H] with the gate
+    rows first, down_proj [E,H,I].  forward(x_RH rows sorted by local expert, group_sizes_L) -> y_RH."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, std: float = 0.02):
+        super().__init__()
+        self.num_experts, self.intermediate_size, self.std = num_experts, intermediate_size, std
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.gate_up_proj.normal_(0.0, self.std)
+            self.down_proj.normal_(0.0, self.std)
+
+    def forward(self, x_RH: torch.Tensor, group_sizes_L: torch.Tensor) -> torch.Tensor:
+        w13_L2IH, w2_LHI = _local(self.gate_up_proj), _local(self.down_proj)
+        h_R2I = grouped_gemm(x_RH, w13_L2IH, group_sizes_L)  # one GEMM for gate and up together
+        gate_RI, up_RI = h_R2I.chunk(2, dim=-1)
+        return grouped_gemm(F.silu(gate_RI) * up_RI, w2_LHI, group_sizes_L)
+
+
+class LocalDispatcher:
+    """Single-rank dispatch: every expert is local.  Stateless; the EP dispatcher replaces it."""
+
+    def __call__(self, x_TH, topk_idx_TK, topk_w_TK, experts: GroupedExperts) -> torch.Tensor:
+        x_RH, group_sizes_E, row_map_TK = permute(x_TH, topk_idx_TK, experts.num_experts)
+        y_RH = experts(x_RH, group_sizes_E)
+        return unpermute(y_RH, row_map_TK, topk_w_TK)
+
+    def __repr__(self):
+        return "LocalDispatcher()"
+
+
+class MoE(nn.Module):
+    """The drop-in DeepSeek-V3 MoE layer: y = moe(x), x [B,S,H] or [T,H], y.shape == x.shape."""
+
+    def __init__(self, cfg: DeepseekV3Config):
+        super().__init__()
+        if cfg.n_routed_experts < 1:
+            raise ValueError(f"MoE: n_routed_experts must be >= 1, got {cfg.n_routed_experts}")
+        self.num_experts, self.hidden_size = cfg.n_routed_experts, cfg.hidden_size
+        self.std = cfg.initializer_range
+        self.gate = Router(cfg)
+        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size,
+                                      cfg.initializer_range)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts else None)
+        self.dispatcher = LocalDispatcher()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.gate.reset_parameters()
+        self.experts.reset_parameters()
+        if self.shared_experts is not None:
+            init_linears_(self.shared_experts, self.std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.hidden_size:
+            raise ValueError(f"MoE: last dim {x.shape[-1]} != hidden_size {self.hidden_size}")
+        x_TH = x.reshape(-1, self.hidden_size)
+        topk_idx_TK, topk_w_TK = self.gate(x_TH, num_seqs=x.shape[0] if x.dim() == 3 else 1)
+        y_TH = self.dispatcher(x_TH, topk_idx_TK, topk_w_TK, self.experts)
+        if self.shared_experts is not None:
+            y_TH = y_TH + self.shared_experts(x_TH)
+        return y_TH.view(x.shape)
+
+
+def init_linears_(module: nn.Module, std: float) -> None:
+    """transformers' init for DeepSeek-V3: every Linear weight ~ N(0, std), biases zero."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.normal_(0.0, std)
+                if m.bias is not None:
+                    m.bias.zero_()
+
+
+def routers(model: nn.Module) -> list[Router]:
+    """Every Router in `model`, in module order (MTP layers included)."""
+    return [m for m in model.modules() if isinstance(m, Router)]
+
+
+@torch.no_grad()
+def update_expert_bias(model: nn.Module, group=None, rate: float | None = None) -> torch.Tensor | None:
+    """Aux-loss-free balancing step; call once per optimizer step, on every rank.
+
+    Sums every Router's token counts over `group` (one all-reduce of all layers' counts concatenated, when
+    torch.distributed is initialized), then per layer ``bias += rate * sign(mean(count) - count)`` and zeroes
+    the counts.  `rate` defaults to each router's ``bias_update_rate`` from the config.  Returns the summed
+    counts [num_moe_layers, E] (int64) for logging, or None when the model has no MoE layer.
+    """
+    rs = routers(model)
+    if not rs:
+        return None
+    counts = torch.cat([r.tokens_per_expert for r in rs])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts, group=group)
+    out = []
+    for r, c in zip(rs, counts.split([r.num_experts for r in rs])):
+        c_f = c.double()
+        step = r.bias_update_rate if rate is None else rate
+        r.e_score_correction_bias.add_((c_f.mean() - c_f).sign().float() * step)
+        r.tokens_per_expert.zero_()
+        out.append(c)
+    return torch.stack(out)
+
+
+__all__ = ["MoE", "Router", "GroupedExperts", "LocalDispatcher", "MLP", "AddAuxiliaryLoss",
+           "sequence_balance_loss", "update_expert_bias", "routers", "init_linears_"]
