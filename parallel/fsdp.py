@@ -41,46 +41,22 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-class _RestoreBuffers:
-    """Recompute context for activation checkpointing: a block's buffers (e.g. the router's per-expert token
-    counters) are put back as they were, so recomputing the forward in backward does not count twice."""
-
-    def __init__(self, block: nn.Module):
-        self.block = block
-
-    def __enter__(self):
-        self.saved = [(b, b.detach().clone()) for b in self.block.buffers()]
-
-    def __exit__(self, *exc):
-        with torch.no_grad():
-            for b, v in self.saved:
-                b.copy_(v)
-        return False
-
-
 def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
     """Recompute each block's forward in backward (non-reentrant torch.utils.checkpoint), in place.
 
     The block's forward is wrapped on the instance, so module names and state-dict keys do not change.
     Apply before `apply_fsdp`: FSDP's hooks sit on the module call, around the checkpointed forward.
+    The recomputation must not change module state a second time: dsv3's Router skips its token counting
+    while autograd runs a backward for exactly this reason.
     """
     for block in find_blocks(model):
         inner = block.forward
 
-        def forward(*args, _inner=inner, _block=block, **kwargs):
-            return checkpoint(_inner, *args, use_reentrant=False,
-                              context_fn=lambda: (_NullCtx(), _RestoreBuffers(_block)), **kwargs)
+        def forward(*args, _inner=inner, **kwargs):
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
 
         block.forward = forward
     return model
-
-
-class _NullCtx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def apply_fsdp(model: nn.Module, dense_mesh: DeviceMesh, expert_mesh: DeviceMesh | None = None, *,

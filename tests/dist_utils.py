@@ -5,6 +5,11 @@ instead of paying an interpreter + torch import per rank). Each child sets the t
 variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), initialises the default gloo group,
 runs fn(*args), and reports its result or its traceback. One intra-op thread per rank: the CI machine has 2
 cores and a group has up to 4 ranks.
+
+Kernels: the children run the kernels' PyTorch twins (TRITON_INTERPRET=0; the kernels pick their backend per
+call), as the CPU training example does. These tests are about dispatch, sharding and training state, and
+the kernels' own tests check the Triton kernels against the same twins; through the interpreter a group
+took ~10x longer.
 """
 
 import multiprocessing as mp
@@ -23,6 +28,7 @@ def _child(rank, world, port, fn, args, queue):
     import torch
     import torch.distributed as dist
 
+    os.environ["TRITON_INTERPRET"] = "0"
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
