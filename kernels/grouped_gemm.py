@@ -1,15 +1,288 @@
-"""Grouped GEMM over experts: y[rows of g] = x[rows of g] @ w[g].T.  (placeholder: twin only)"""
+"""Grouped GEMM over experts: y[rows of g] = x[rows of g] @ w[g].T for every group g in one launch.
+
+In: x [M, K] (rows sorted by group), w [G, N, K] (each group an nn.Linear weight, out x in), group_sizes [G]
+integer (sum == M, zeros allowed). Out: y [M, N] in x.dtype, accumulated in fp32. Differentiable in x and w:
+
+* forward and input gradient share ``grouped_mm_kernel``; dX = dY @ w[g] passes w.transpose(1, 2) as strides;
+* the weight gradient dW[g] = dY[rows g].T @ X[rows g] is grouped along the reduction dimension and has its
+  own kernel, which writes every tile, so an empty group's gradient is an exact zero.
+
+Neither kernel needs the group sizes on the host: each program derives its (group, tile) from the sizes on
+the device (see _grouped_gemm_kernels.py), so the forward has no device-to-host sync.
+
+Backends: CUDA tensors run the compiled kernels, autotuned over ``forward_configs()`` / ``wgrad_configs()``
+keyed on (N, K); ``TRITONMOE_GEMM_CONFIG="BM,BN,BK,warps,stages"`` pins one config for both kernels (for the
+weight gradient BM is the reduction step and BN x BK the output tile). CPU tensors run the same kernels in
+Triton's interpreter when ``TRITON_INTERPRET=1``, else the plain-PyTorch twin ``grouped_gemm_torch``.
+The ops are registered with ``torch.library`` (fake + autograd), so they trace under ``torch.compile``.
+"""
+
+import os
+from typing import NamedTuple
 
 import torch
+import triton
+
+from ._grouped_gemm_kernels import grouped_mm_kernel, grouped_mm_wgrad_kernel
+
+CONFIG_ENV = "TRITONMOE_GEMM_CONFIG"
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class GemmConfig(NamedTuple):
+    """One tile configuration. For the weight gradient block_m is the reduction step and block_n x block_k
+    the output tile of dW[g]."""
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def forward_configs() -> list[GemmConfig]:
+    """Candidates for grouped_mm_kernel (forward and dX) on Hopper, for DeepSeek-V3's shapes: K=7168 -> N=4096
+    (fused gate/up), K=2048 -> N=7168 (down), ~R/E = 512 rows per expert at 16K tokens, fewer at 256 experts
+    and small batches. BLOCK_M 64/128 x BLOCK_N 128/256 are wgmma's native 64xN tiles; BLOCK_K 64 is one
+    128-byte swizzled bf16 row. 128x256 with 8 warps (two warpgroups, 128 accumulator registers a thread)
+    is the large-GEMM shape; 64-row tiles waste less on the ragged last tile of small groups."""
+    return [
+        GemmConfig(128, 256, 64, 8, 3),  # 144 KiB smem: big groups, N=4096/7168
+        GemmConfig(128, 128, 64, 8, 4),  # 128 KiB smem: more CTAs when G * tiles is small
+        GemmConfig(128, 128, 64, 4, 4),  # one warpgroup, 128 regs of accumulator a thread
+        GemmConfig(64, 256, 64, 4, 3),  # small groups (many experts, few tokens) with wide N
+        GemmConfig(64, 128, 64, 4, 4),  # smallest: tiny groups, decode-sized batches
+    ]
+
+
+def wgrad_configs() -> list[GemmConfig]:
+    """Candidates for grouped_mm_wgrad_kernel: output tile BLOCK_N x BLOCK_K of dW[g] ([N, K] = [4096, 7168]
+    or [7168, 2048]), reducing over the group's rows 64 at a time; 256 groups x 512 rows means short
+    reductions, so the output tile is kept large and pipelining deep enough to cover the few iterations."""
+    return [
+        GemmConfig(64, 128, 256, 8, 3),  # 144 KiB smem, two warpgroups
+        GemmConfig(64, 128, 128, 8, 4),  # 128 KiB smem
+        GemmConfig(64, 128, 128, 4, 4),  # one warpgroup
+        GemmConfig(64, 256, 128, 8, 3),  # wide N tile for N=7168 (down projection's dW)
+    ]
+
+
+# Small tiles under the interpreter: every program runs in Python, and tests use tiny shapes.
+INTERPRETER_CONFIG = GemmConfig(32, 32, 32, 4, 1)
+SWIZZLE_M = 8
+
+
+def _pinned_config() -> GemmConfig | None:
+    spec = os.environ.get(CONFIG_ENV)
+    if not spec:
+        return None
+    try:
+        cfg = GemmConfig(*(int(v) for v in spec.split(",")))
+    except (TypeError, ValueError):
+        raise ValueError(f"{CONFIG_ENV}={spec!r}: expected five integers 'BM,BN,BK,warps,stages'") from None
+    if any(b < 16 or b & (b - 1) for b in cfg[:3]):
+        raise ValueError(f"{CONFIG_ENV}={spec!r}: block sizes must be powers of two >= 16")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+
+def _interpreting(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _check_interpreter_kernel(kernel) -> None:
+    # triton.jit decides at decoration time; kernels built as compiled JITFunctions cannot run on CPU.
+    if type(kernel).__name__ != "InterpretedFunction":
+        raise RuntimeError("TRITON_INTERPRET=1 was set after triton.jit built the kernels; set it before "
+                           "importing tritonmoe (or unset it to run the PyTorch twin on CPU)")
+
+
+_AUTOTUNED: dict = {}
+
+
+def _autotuned(kernel, configs: list[GemmConfig]):
+    """Wrap `kernel` in triton.autotune over `configs`, keyed on (N, K) only: M changes every step with
+    routing and must not trigger re-tuning."""
+    key = (kernel, tuple(configs))
+    if key not in _AUTOTUNED:
+        _AUTOTUNED[key] = triton.autotune(
+            configs=[triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k},
+                                   num_warps=c.num_warps, num_stages=c.num_stages) for c in configs],
+            key=["N", "K"],
+        )(kernel)
+    return _AUTOTUNED[key]
+
+
+def _launch(kernel, configs: list[GemmConfig], grid_fn, args: tuple, interpret: bool, **constexprs) -> None:
+    pinned = _pinned_config()
+    if interpret:
+        _check_interpreter_kernel(kernel)
+        cfg = pinned or INTERPRETER_CONFIG
+        meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
+        kernel[grid_fn(meta)](*args, **meta, **constexprs, UPCAST=True, INPUT_PRECISION="ieee")
+        return
+    # Follows torch's own fp32 matmul setting: "highest" (torch's default) keeps full fp32 products.
+    precision = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    tuned = _autotuned(kernel, [pinned] if pinned else configs)
+    tuned[grid_fn](*args, **constexprs, UPCAST=False, INPUT_PRECISION=precision)
+
+
+def _block_g(num_groups: int) -> int:
+    return triton.next_power_of_2(max(num_groups, 1))
+
+
+def _grouped_mm_launch(a: torch.Tensor, b: torch.Tensor, group_sizes: torch.Tensor,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+    """out[rows of g] = a[rows of g] @ b[g].T; a [M, K], b [G, N, K] any strides, out [M, N] in a.dtype.
+    `out` (tests pass it pre-filled with NaN) is written in full, so unwritten rows would show."""
+    M, K = a.shape
+    G, N, _ = b.shape
+    if out is None:
+        out = a.new_empty(M, N)
+    if M == 0 or N == 0:
+        return out
+    if K == 0:
+        return out.zero_()
+    grid = lambda meta: ((triton.cdiv(M, meta["BLOCK_M"]) + G) * triton.cdiv(N, meta["BLOCK_N"]),)
+    _launch(grouped_mm_kernel, forward_configs(), grid,
+            (a, b, out, group_sizes, M, N, K, G, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+             b.stride(2), out.stride(0), out.stride(1)),
+            _interpreting(a), BLOCK_G=_block_g(G), SWIZZLE_M=SWIZZLE_M)
+    return out
+
+
+def _grouped_mm_wgrad_launch(dy: torch.Tensor, x: torch.Tensor, group_sizes: torch.Tensor, num_groups: int,
+                             out: torch.Tensor | None = None) -> torch.Tensor:
+    """dw[g] = dy[rows of g].T @ x[rows of g]; dy [M, N], x [M, K] -> dw [G, N, K] in x.dtype, every element
+    written (empty groups get zeros)."""
+    M, N = dy.shape
+    K = x.shape[1]
+    G = num_groups
+    if out is None:
+        out = x.new_empty(G, N, K)
+    if G == 0 or N == 0 or K == 0:
+        return out
+    if M == 0:
+        return out.zero_()
+    grid = lambda meta: (G * triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]),)
+    _launch(grouped_mm_wgrad_kernel, wgrad_configs(), grid,
+            (dy, x, out, group_sizes, M, N, K, G, dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
+             out.stride(0), out.stride(1), out.stride(2)),
+            _interpreting(x), BLOCK_G=_block_g(G))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+def _check_args(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) -> None:
+    """Sync-free checks: ranks, shapes, dtypes, devices (valid on fake tensors under torch.compile too)."""
+    for name, t in (("x", x), ("w", w), ("group_sizes", group_sizes)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"grouped_gemm: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"grouped_gemm: x must be [M, K], got shape {tuple(x.shape)}")
+    if w.dim() != 3:
+        raise ValueError(f"grouped_gemm: w must be [G, N, K], got shape {tuple(w.shape)}")
+    if group_sizes.dim() != 1:
+        raise ValueError(f"grouped_gemm: group_sizes must be [G], got shape {tuple(group_sizes.shape)}")
+    if w.shape[2] != x.shape[1]:
+        raise ValueError(f"grouped_gemm: w.shape[2]={w.shape[2]} != x.shape[1]={x.shape[1]} "
+                         f"(x {tuple(x.shape)}, w {tuple(w.shape)})")
+    if group_sizes.shape[0] != w.shape[0]:
+        raise ValueError(f"grouped_gemm: len(group_sizes)={group_sizes.shape[0]} != w.shape[0]={w.shape[0]}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"grouped_gemm: x.dtype={x.dtype} unsupported (float32, float16, bfloat16)")
+    if w.dtype != x.dtype:
+        raise ValueError(f"grouped_gemm: w.dtype={w.dtype} != x.dtype={x.dtype}; cast the weights first")
+    if group_sizes.dtype.is_floating_point or group_sizes.dtype.is_complex or group_sizes.dtype == torch.bool:
+        raise ValueError(f"grouped_gemm: group_sizes.dtype={group_sizes.dtype} must be an integer type")
+    if not (x.device == w.device == group_sizes.device):
+        raise ValueError(f"grouped_gemm: tensors on different devices: x on {x.device}, w on {w.device}, "
+                         f"group_sizes on {group_sizes.device}")
+
+
+def _check_sizes(group_sizes: torch.Tensor, M: int) -> None:
+    """Value checks. On CPU they are free and raise ValueError; on CUDA reading the sizes would sync, so
+    they become an asynchronous device assert (the kernels mask rows >= M, so bad sizes never write out of
+    bounds before the assert fires)."""
+    if group_sizes.device.type == "cpu":
+        if group_sizes.numel() and bool((group_sizes < 0).any()):
+            bad = group_sizes[group_sizes < 0].tolist()
+            raise ValueError(f"grouped_gemm: negative group sizes {bad}")
+        total = int(group_sizes.sum())
+        if total != M:
+            raise ValueError(f"grouped_gemm: group_sizes sum to {total}, but x has M={M} rows")
+    else:
+        torch._assert_async(((group_sizes >= 0).all() & (group_sizes.sum() == M)),
+                            "grouped_gemm: group sizes must be >= 0 and sum to x.shape[0]")
+
+
+# ------------------------------------------------------------------------------ torch.library ops + autograd
+
+@torch.library.custom_op("tritonmoe::grouped_mm", mutates_args=())
+def _grouped_mm_op(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
+    _check_sizes(group_sizes, x.shape[0])
+    return _grouped_mm_launch(x, w, group_sizes)
+
+
+@_grouped_mm_op.register_fake
+def _(x, w, group_sizes):
+    return x.new_empty(x.shape[0], w.shape[1])
+
+
+@torch.library.custom_op("tritonmoe::grouped_mm_wgrad", mutates_args=())
+def _grouped_mm_wgrad_op(dy: torch.Tensor, x: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
+    return _grouped_mm_wgrad_launch(dy, x, group_sizes, group_sizes.shape[0])
+
+
+@_grouped_mm_wgrad_op.register_fake
+def _(dy, x, group_sizes):
+    return x.new_empty(group_sizes.shape[0], dy.shape[1], x.shape[1])
+
+
+def _setup_context(ctx, inputs, output):
+    x, w, group_sizes = inputs
+    ctx.save_for_backward(x, w, group_sizes)
+
+
+def _backward(ctx, dy):
+    x, w, group_sizes = ctx.saved_tensors
+    dx = dw = None
+    if ctx.needs_input_grad[0]:
+        # dX[rows g] = dY[rows g] @ w[g]: the forward kernel with w's last two strides swapped.
+        dx = _grouped_mm_op(dy, w.transpose(1, 2), group_sizes)
+    if ctx.needs_input_grad[1]:
+        dw = _grouped_mm_wgrad_op(dy, x, group_sizes)
+    return dx, dw, None
+
+
+_grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------- public
+
+def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
+    """y[rows of g] = x[rows of g] @ w[g].T.
+
+    x [M, K] rows sorted by group; w [G, N, K]; group_sizes integer [G], >= 0, summing to M (empty groups
+    allowed). Returns y [M, N] in x.dtype with fp32 accumulation; differentiable in x and w. x and w must
+    share a dtype (float32, float16 or bfloat16) and a device. Raises ValueError naming the offending value.
+    """
+    _check_args(x, w, group_sizes)
+    if x.device.type == "cpu" and not _interpreting(x):
+        _check_sizes(group_sizes, x.shape[0])
+        return grouped_gemm_torch(x, w, group_sizes)
+    return _grouped_mm_op(x, w, group_sizes)
 
 
 def grouped_gemm_torch(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
-    """PyTorch twin of grouped_gemm: x [M,K] sorted by group, w [G,N,K], group_sizes [G] -> y [M,N]."""
+    """PyTorch twin of grouped_gemm (same contract; reads the sizes on the host, one mm per group).
+
+    The reference for the tests and the CPU path of the training example; autograd differentiates it.
+    Products are taken in fp32 and rounded once to x.dtype, like the kernels.
+    """
     sizes = group_sizes.tolist()
     outs = [torch.mm(xg.float(), w[g].float().t()) for g, xg in enumerate(torch.split(x, sizes))]
     if not outs:
         return x.new_empty(x.shape[0], w.shape[1])
     return torch.cat(outs).to(x.dtype)
-
-
-grouped_gemm = grouped_gemm_torch

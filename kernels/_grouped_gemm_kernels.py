@@ -1,0 +1,148 @@
+"""Pure ``@triton.jit`` code of the grouped GEMM family (launchers, autograd and configs: grouped_gemm.py).
+
+Two kernels serve the three GEMMs of an expert layer:
+
+* ``grouped_mm_kernel``: out[rows of g] = a[rows of g] @ b[g].T with b indexed [G, N, K] through explicit
+  strides. The forward passes ``w`` ([G, N, K]); the input gradient passes ``w.transpose(1, 2)`` (a stride
+  swap, no copy) so that dX[rows of g] = dY[rows of g] @ w[g].
+* ``grouped_mm_wgrad_kernel``: dW[g] = dY[rows of g].T @ X[rows of g], a GEMM grouped along its reduction
+  dimension. Every (g, n-tile, k-tile) program writes its tile even when group g is empty, so an empty
+  group's gradient is an exact zero and never uninitialised memory.
+
+Both read ``group_sizes`` on the device and derive their tile from it, so one launch covers every group and
+the host never waits for the sizes. Neither kernel calls another ``@triton.jit`` helper: the launcher may
+re-wrap these functions for the interpreter, and helpers would keep the wrapper they were created with.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def grouped_mm_kernel(
+    a_ptr,  # [M, K] rows sorted by group (x in the forward, dY in the input gradient)
+    b_ptr,  # [G, N, K] through strides (w in the forward, w.transpose(1, 2) in the input gradient)
+    out_ptr,  # [M, N] rows sorted by group like a
+    group_sizes_ptr,  # [G] int32/int64, rows per group, sum == M
+    M, N, K, G,
+    stride_am, stride_ak,
+    stride_bg, stride_bn, stride_bk,
+    stride_om, stride_on,
+    BLOCK_G: tl.constexpr,  # next power of two >= G: the whole size vector is loaded at once
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SWIZZLE_M: tl.constexpr,  # m-tiles that share a band of n-tiles, for L2 reuse of a and b
+    UPCAST: tl.constexpr,  # interpreter only: its bf16 is raw uint16, so dot fp32 copies instead
+    INPUT_PRECISION: tl.constexpr,  # "ieee" / "tf32" for fp32 inputs; ignored for 16-bit inputs
+):
+    # The grid is an upper bound on the m-tiles every group needs: sum_g cdiv(size_g, BLOCK_M) <=
+    # cdiv(M, BLOCK_M) + G. Programs past the real tile count exit, so the host never reads the sizes.
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_m = tl.cdiv(M, BLOCK_M) + G
+    pids_per_band = SWIZZLE_M * num_pid_n
+    band = pid // pids_per_band
+    first_pid_m = band * SWIZZLE_M
+    band_m = min(num_pid_m - first_pid_m, SWIZZLE_M)
+    pid_m = first_pid_m + (pid % pids_per_band) % band_m
+    pid_n = (pid % pids_per_band) // band_m
+
+    # Device-side schedule: which group owns virtual m-tile pid_m, and where its rows start. Negative sizes
+    # (rejected on CPU, asserted asynchronously on CUDA) are clamped so they can never move a pointer.
+    offs_g = tl.arange(0, BLOCK_G)
+    sizes = tl.load(group_sizes_ptr + offs_g, mask=offs_g < G, other=0).to(tl.int64)
+    sizes = tl.maximum(sizes, 0)
+    tiles = (sizes + BLOCK_M - 1) // BLOCK_M
+    tiles_end = tl.cumsum(tiles, 0)
+    g = tl.sum((tiles_end <= pid_m).to(tl.int32), 0)
+    if g < G:
+        before = offs_g < g
+        row_start = tl.sum(tl.where(before, sizes, 0), 0)
+        row_end = row_start + tl.sum(tl.where(offs_g == g, sizes, 0), 0)
+        tile_in_group = pid_m - tl.sum(tl.where(before, tiles, 0), 0)
+        # int64 rows: row * stride reaches T*K*H = 9.4e8 at T=16384 for DeepSeek-V3 and passes 2^31 at
+        # T >= 37,450; g * stride_bg passes it at G*N*K = 256*4096*7168 = 7.5e9.
+        offs_m = row_start + tile_in_group * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        # rows >= M are masked too, so sizes that overrun M can never write out of bounds.
+        mask_m = (offs_m < row_end) & (offs_m < M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        offs_k = tl.arange(0, BLOCK_K)
+
+        a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+        b_ptrs = (b_ptr + g.to(tl.int64) * stride_bg + offs_n[None, :].to(tl.int64) * stride_bn
+                  + offs_k[:, None] * stride_bk)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            mask_k = offs_k < K - k0
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def grouped_mm_wgrad_kernel(
+    dy_ptr,  # [M, N] output gradient, rows sorted by group
+    x_ptr,  # [M, K] forward input, rows sorted by group
+    dw_ptr,  # [G, N, K] weight gradient, written in full (zeros for empty groups)
+    group_sizes_ptr,  # [G] int32/int64, rows per group, sum == M
+    M, N, K, G,
+    stride_dym, stride_dyn,
+    stride_xm, stride_xk,
+    stride_dwg, stride_dwn, stride_dwk,
+    BLOCK_G: tl.constexpr,  # next power of two >= G
+    BLOCK_M: tl.constexpr,  # rows reduced per step (the reduction dimension here)
+    BLOCK_N: tl.constexpr,  # output tile over N
+    BLOCK_K: tl.constexpr,  # output tile over K
+    UPCAST: tl.constexpr,  # interpreter only, see grouped_mm_kernel
+    INPUT_PRECISION: tl.constexpr,
+):
+    # Grid: G * n-tiles * k-tiles, group slowest, so programs running together share a group's rows in L2.
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_k = tl.cdiv(K, BLOCK_K)
+    g = pid // (num_pid_n * num_pid_k)
+    tile = pid % (num_pid_n * num_pid_k)
+    pid_n = tile // num_pid_k
+    pid_k = tile % num_pid_k
+
+    offs_g = tl.arange(0, BLOCK_G)
+    sizes = tl.load(group_sizes_ptr + offs_g, mask=offs_g < G, other=0).to(tl.int64)
+    sizes = tl.maximum(sizes, 0)
+    row_start = tl.sum(tl.where(offs_g < g, sizes, 0), 0)
+    # Clamped to M so that sizes overrunning M never read past the end of dy or x.
+    row_end = tl.minimum(row_start + tl.sum(tl.where(offs_g == g, sizes, 0), 0), M)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    mask_k = offs_k < K
+    offs_r = tl.arange(0, BLOCK_M)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    # An empty group runs zero iterations and stores the zero accumulator.
+    for r0 in range(row_start, row_end, BLOCK_M):
+        # int64 rows: row * stride passes 2^31 for DeepSeek-V3 sizes (see grouped_mm_kernel).
+        rows = r0 + offs_r.to(tl.int64)
+        mask_r = rows < row_end
+        dy_t = tl.load(dy_ptr + rows[None, :] * stride_dym + offs_n[:, None] * stride_dyn,
+                       mask=mask_n[:, None] & mask_r[None, :], other=0.0)  # [BLOCK_N, BLOCK_M]
+        xt = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                     mask=mask_r[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+        if UPCAST:
+            dy_t = dy_t.to(tl.float32)
+            xt = xt.to(tl.float32)
+        acc = tl.dot(dy_t, xt, acc, input_precision=INPUT_PRECISION)
+
+    # g * stride_dwg reaches G*N*K = 7.5e9 for DeepSeek-V3 gate/up: int64.
+    dw_ptrs = (dw_ptr + g.to(tl.int64) * stride_dwg + offs_n[:, None].to(tl.int64) * stride_dwn
+               + offs_k[None, :] * stride_dwk)
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_k[None, :])
