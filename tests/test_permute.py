@@ -1,0 +1,291 @@
+"""permute / unpermute: the Triton kernels (through the interpreter on CPU) against the PyTorch twins.
+
+Index outputs (x_sorted, group_sizes, row_map) must match the twin exactly; sums and gradients are compared
+with per-dtype tolerances against the twin run in fp32. Launcher outputs are poisoned before each launch so
+an unwritten row shows as NaN / -1. The last tests compile every kernel variant the launchers issue for
+sm_90a and read the PTX: 16-byte global accesses, each token row read once / written K times, no spills.
+"""
+
+import importlib
+
+import pytest
+import torch
+
+from helpers import assert_close, poison_
+from tritonmoe.kernels import permute, permute_torch, unpermute, unpermute_torch
+
+# The module itself (the package attribute `permute` is the function): launchers and kernels.
+pm = importlib.import_module("tritonmoe.kernels.permute")
+
+# dtype with its tolerance (max relative error; rms defaults to a quarter). Moves are exact; the fp32 sums
+# round once to the output dtype, so the bound is about one ulp of the largest element.
+DTYPES = [
+    pytest.param(torch.float32, 1e-5, id="fp32"),
+    pytest.param(torch.float16, 2e-3, id="fp16"),
+    pytest.param(torch.bfloat16, 1.6e-2, id="bf16"),
+]
+
+# (T, H, K, E, routing): routing "topk" gives distinct experts per token like the router, "dup" draws with
+# repeats (a token may pick one expert twice), "one" sends everything to expert E // 2.
+CASES = [
+    pytest.param(1, 40, 1, 1, "topk", id="T1-K1-E1"),  # T = 1, one expert: smallest grid
+    pytest.param(9, 40, 8, 8, "topk", id="K_eq_E"),  # K = E: every token visits every expert
+    pytest.param(13, 72, 3, 7, "topk", id="primeE"),  # prime E, H not a multiple of any power of two > 8
+    pytest.param(11, 48, 4, 5, "one", id="all_to_one"),  # all rows in one group, the other experts empty
+    pytest.param(5, 24, 2, 64, "topk", id="sparse_E64"),  # most of 64 experts get zero tokens
+    pytest.param(10, 33, 6, 4, "dup", id="dup_experts"),  # a token lists an expert twice: j stays ascending
+    pytest.param(2, 3, 2, 3, "topk", id="H_below_vec"),  # H smaller than one 16-byte vector: tail only
+]
+
+
+def make_routing(T, K, E, routing):
+    if routing == "topk":
+        return torch.rand(T, E).topk(K, dim=1).indices
+    if routing == "one":
+        return torch.full((T, K), E // 2, dtype=torch.int64)
+    return torch.randint(0, E, (T, K))
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Pin BLOCK_H to 16 so the test shapes span several H tiles and a ragged tail."""
+    monkeypatch.setenv("TRITONMOE_PERMUTE_BLOCK_H", "16")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# permute
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("T,H,K,E,routing", CASES)
+def test_permute_matches_twin(T, H, K, E, routing, dtype, tol):
+    x = torch.randn(T, H, dtype=dtype, requires_grad=True)
+    topk_idx = make_routing(T, K, E, routing)
+    xs, gs, rm = permute(x, topk_idx, E)
+    xs_ref, gs_ref, rm_ref = permute_torch(x.detach(), topk_idx, E)
+    assert torch.equal(xs, xs_ref) and torch.equal(gs, gs_ref) and torch.equal(rm, rm_ref)
+    assert gs.dtype == torch.int64 and rm.dtype == torch.int64 and gs.shape == (E,)
+    # The contract independently of the twin: rows sorted by (expert, token, j).
+    key = (topk_idx * T * K + torch.arange(T).unsqueeze(1) * K + torch.arange(K)).reshape(-1)
+    assert torch.equal(rm.reshape(-1), torch.argsort(torch.argsort(key)))
+
+    # dx[t] = sum_j g[row_map[t, j]], against the twin's gradient taken in fp32.
+    g = torch.randn_like(xs)
+    (dx,) = torch.autograd.grad(xs, x, g)
+    x32 = x.detach().float().requires_grad_()
+    (dx_ref,) = torch.autograd.grad(permute_torch(x32, topk_idx, E)[0], x32, g.float())
+    assert dx.dtype == dtype
+    assert_close(dx, dx_ref, tol, what="permute dx")
+
+
+@pytest.mark.parametrize("K", range(1, 9))
+def test_permute_every_k(K):
+    # K = 1..8 (DeepSeek-V3 routes 8); E = 8 so K = 8 is also K = E.
+    x = torch.randn(6, 20)
+    topk_idx = make_routing(6, K, 8, "topk")
+    for got, ref in zip(permute(x, topk_idx, 8), permute_torch(x, topk_idx, 8)):
+        assert torch.equal(got, ref)
+
+
+def test_permute_multi_tile_launcher_poisoned(small_tiles):
+    # H = 40 over BLOCK_H = 16: two full tiles and a tail of 8. Every row of the poisoned output is written.
+    x = torch.randn(7, 40, dtype=torch.bfloat16)
+    topk_idx = make_routing(7, 3, 5, "topk")
+    xs_ref, _, rm = permute_torch(x, topk_idx, 5)
+    out = poison_(torch.empty(21, 40, dtype=torch.bfloat16))
+    assert torch.equal(pm._scatter_rows(x, rm, None, 21, out=out), xs_ref)
+    # Backward of permute is an unweighted gather.
+    g = torch.randn(21, 40, dtype=torch.bfloat16)
+    dx = pm._gather_rows(g, rm, None, out=poison_(torch.empty(7, 40, dtype=torch.bfloat16)))
+    assert_close(dx, unpermute_torch(g.float(), rm), 1.6e-2, what="dx multi-tile")
+
+
+def test_permute_empty_and_int32_indices():
+    # T = 0: nothing to launch, shapes still right; int32 expert ids (some routers emit them) are accepted.
+    xs, gs, rm = permute(torch.randn(0, 16), torch.zeros(0, 4, dtype=torch.int32), 3)
+    assert xs.shape == (0, 16) and torch.equal(gs, torch.zeros(3, dtype=torch.int64)) and rm.shape == (0, 4)
+    x = torch.randn(5, 16)
+    idx32 = make_routing(5, 2, 4, "topk").int()
+    for got, ref in zip(permute(x, idx32, 4), permute_torch(x, idx32.long(), 4)):
+        assert torch.equal(got, ref)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# unpermute
+
+
+@pytest.mark.parametrize("weights", ["fp32", "same", None], ids=["w_fp32", "w_rowdtype", "no_w"])
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("T,H,K,E,routing", CASES)
+def test_unpermute_matches_twin(T, H, K, E, routing, dtype, tol, weights):
+    # Routing weights are usually fp32 over bf16 rows ("w_fp32"); "w_rowdtype" keeps them in the row dtype.
+    _, _, rm = permute_torch(torch.empty(T, 1), make_routing(T, K, E, routing), E)
+    ys = torch.randn(T * K, H, dtype=dtype, requires_grad=True)
+    w = None
+    if weights is not None:
+        w = torch.rand(T, K, dtype=torch.float32 if weights == "fp32" else dtype).add_(0.1).requires_grad_()
+    y = unpermute(ys, rm, w)
+    ys32 = ys.detach().float().requires_grad_()
+    w32 = None if w is None else w.detach().float().requires_grad_()
+    y_ref = unpermute_torch(ys32, rm, w32)
+    assert y.dtype == dtype
+    assert_close(y, y_ref, tol, what="unpermute y")
+
+    dy = torch.randn_like(y)
+    inputs, inputs_ref = (ys,) if w is None else (ys, w), (ys32,) if w is None else (ys32, w32)
+    grads = torch.autograd.grad(y, inputs, dy)
+    grads_ref = torch.autograd.grad(y_ref, inputs_ref, dy.float())
+    assert grads[0].dtype == dtype
+    assert_close(grads[0], grads_ref[0], tol, what="d y_sorted")
+    if w is not None:
+        assert grads[1].dtype == w.dtype
+        # dw is an H-long fp32 dot product rounded once to the weights' dtype.
+        assert_close(grads[1], grads_ref[1], 1e-5 if w.dtype == torch.float32 else tol, what="d topk_weights")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_unpermute_rounds_like_torch(dtype):
+    # K = 1: y = w * y_sorted[row] rounded once, so the kernel must equal torch's own rounding bit for bit
+    # (catches the interpreter's truncating fp32 -> bf16 cast); without weights it is an exact move.
+    _, _, rm = permute_torch(torch.empty(64, 1), make_routing(64, 1, 4, "topk"), 4)
+    ys = torch.randn(64, 40, dtype=dtype)
+    w = torch.rand(64, 1)
+    assert torch.equal(unpermute(ys, rm, w), (ys.float()[rm[:, 0]] * w).to(dtype))
+    assert torch.equal(unpermute(ys, rm), ys[rm[:, 0]])
+
+
+@pytest.mark.parametrize("need_dys", [True, False], ids=["dys_and_dw", "dw_only"])
+def test_unpermute_launchers_poisoned(small_tiles, need_dys):
+    # Every launcher output prefilled with NaN; tiles of 16 over H = 40 leave a ragged tail.
+    T, H, K, E = 6, 40, 3, 5
+    _, _, rm = permute_torch(torch.empty(T, 1), make_routing(T, K, E, "topk"), E)
+    ys = torch.randn(T * K, H, dtype=torch.bfloat16)
+    w = torch.rand(T, K)
+    dy = torch.randn(T, H, dtype=torch.bfloat16)
+
+    y = pm._gather_rows(ys, rm, w, out=poison_(torch.empty(T, H, dtype=torch.bfloat16)))
+    assert_close(y, unpermute_torch(ys.float(), rm, w), 1.6e-2, what="y")
+
+    ys32, w32 = ys.float().requires_grad_(), w.clone().requires_grad_()
+    dys_ref, dw_ref = torch.autograd.grad(unpermute_torch(ys32, rm, w32), (ys32, w32), dy.float())
+    dys, dw = pm._unpermute_bwd(dy, ys, rm, w, need_dys,
+                                dys_out=poison_(torch.empty(T * K, H, dtype=torch.bfloat16)),
+                                dw_out=poison_(torch.empty(T, K)))
+    assert_close(dw, dw_ref, 1e-5, what="dw")
+    if need_dys:
+        assert_close(dys, dys_ref, 1.6e-2, what="dys fused")
+    else:
+        assert dys is None
+    # Without a weight gradient, d y_sorted is the plain weighted scatter.
+    dys = pm._scatter_rows(dy, rm, w, T * K, out=poison_(torch.empty(T * K, H, dtype=torch.bfloat16)))
+    assert_close(dys, dys_ref, 1.6e-2, what="dys scatter")
+
+
+def test_unpermute_unreferenced_rows_get_zero_grad():
+    # R > T*K (rows no token points at, e.g. padding): their gradient is an exact zero, not garbage.
+    rm = torch.tensor([[4, 0], [2, 5]])
+    ys = torch.randn(7, 24, requires_grad=True)
+    w = torch.rand(2, 2, requires_grad=True)
+    dys, _ = torch.autograd.grad(unpermute(ys, rm, w), (ys, w), torch.randn(2, 24))
+    assert torch.equal(dys[[1, 3, 6]], torch.zeros(3, 24))
+    (dys_nw,) = torch.autograd.grad(unpermute(ys, rm), ys, torch.randn(2, 24))
+    assert torch.equal(dys_nw[[1, 3, 6]], torch.zeros(3, 24))
+
+
+def test_kernels_never_touch_rows_outside_the_map():
+    # A bad row_map (caught on the host here, only asynchronously on CUDA) must not move memory outside
+    # [0, R): the destination is a view into a larger poisoned buffer whose extra rows must stay NaN.
+    rm = torch.tensor([[0, 3], [-1, 1], [2, 9]])  # -1 and 9 are outside [0, 4)
+    x = torch.randn(3, 16)
+    buf = poison_(torch.empty(6, 16))
+    pm._scatter_rows(x, rm, None, 4, out=buf[1:5])
+    assert torch.isnan(buf[0]).all() and torch.isnan(buf[5]).all()
+    assert torch.equal(buf[1:5][[0, 3, 1, 2]], x[[0, 0, 1, 2]])
+    src = torch.randn(4, 16)
+    y = pm._gather_rows(src, rm, None)
+    assert torch.equal(y, torch.stack([src[0] + src[3], src[1], src[2]]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation, layouts, backend choice
+
+
+def _bad_permute_calls():
+    x, idx = torch.randn(4, 8), torch.randint(0, 3, (4, 2))
+    return [
+        pytest.param(lambda: permute(x[0], idx, 3), "2-D", id="x_1d"),
+        pytest.param(lambda: permute(x, idx[:, 0], 3), "2-D", id="idx_1d"),
+        pytest.param(lambda: permute(x, idx.float(), 3), "float32", id="idx_float"),
+        pytest.param(lambda: permute(x, idx[:3], 3), "3 rows", id="T_mismatch"),
+        pytest.param(lambda: permute(x, idx.clone().index_fill_(0, torch.tensor([2]), 3), 3), "got 3",
+                     id="idx_too_big"),
+        pytest.param(lambda: permute(x, idx.clone().index_fill_(0, torch.tensor([1]), -2), 3), "got -2",
+                     id="idx_negative"),
+        pytest.param(lambda: permute(x, idx, 0), "got 0", id="E_zero"),
+        pytest.param(lambda: permute(x.double(), idx, 3), "float64", id="x_fp64"),
+        pytest.param(lambda: permute(x, idx.to("meta"), 3), "meta", id="devices"),
+    ]
+
+
+def _bad_unpermute_calls():
+    ys, rm, w = torch.randn(8, 8), torch.arange(8).view(4, 2), torch.rand(4, 2)
+    return [
+        pytest.param(lambda: unpermute(ys[0], rm), "2-D", id="ys_1d"),
+        pytest.param(lambda: unpermute(ys, rm.view(-1)), "2-D", id="map_1d"),
+        pytest.param(lambda: unpermute(ys, rm.float()), "float32", id="map_float"),
+        pytest.param(lambda: unpermute(ys.to(torch.int32), rm), "int32", id="ys_int"),
+        pytest.param(lambda: unpermute(ys, rm, w[:3]), r"\(3, 2\)", id="w_shape"),
+        pytest.param(lambda: unpermute(ys, rm, w.double()), "float64", id="w_fp64"),
+        pytest.param(lambda: unpermute(ys, rm + 1), "got 8", id="map_out_of_range"),
+        pytest.param(lambda: unpermute(ys, rm.to("meta")), "meta", id="map_device"),
+        pytest.param(lambda: unpermute(ys, rm, w.to("meta")), "meta", id="w_device"),
+        pytest.param(lambda: unpermute(ys.requires_grad_(), rm.clamp(max=6)), "repeats row 6", id="map_repeats"),
+    ]
+
+
+@pytest.mark.parametrize("call,match", _bad_permute_calls() + _bad_unpermute_calls())
+def test_bad_input_raises_value_error(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_non_contiguous_inputs():
+    # Column-major x, a strided slice of y_sorted, transposed index/weight tensors and an expanded dy
+    # (what sum().backward() sends, stride 0) all go straight to the kernels through their strides.
+    T, H, K, E = 7, 24, 3, 5
+    x = torch.randn(H, T, dtype=torch.bfloat16).t().requires_grad_()
+    topk_idx = make_routing(T, K, E, "topk").t().contiguous().t()
+    xs, gs, rm = permute(x, topk_idx, E)
+    for got, ref in zip((xs, gs, rm), permute_torch(x.detach(), topk_idx, E)):
+        assert torch.equal(got, ref)
+    (dx,) = torch.autograd.grad(xs.float().sum(), x)
+    assert torch.equal(dx, torch.full((T, H), float(K), dtype=torch.bfloat16))
+
+    big = torch.randn(T * K, 2 * H)
+    ys = big[:, ::2].requires_grad_()
+    rm_t = rm.t().contiguous().t()
+    w = torch.rand(K, T).t().requires_grad_()
+    y = unpermute(ys, rm_t, w)
+    assert_close(y, unpermute_torch(ys.detach(), rm, w.detach()), 1e-5, what="strided y")
+    dys, dw = torch.autograd.grad(y.sum(), (ys, w))
+    ys_ref, w_ref = ys.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    dys_ref, dw_ref = torch.autograd.grad(unpermute_torch(ys_ref, rm, w_ref).sum(), (ys_ref, w_ref))
+    assert_close(dys, dys_ref, 1e-5, what="dys, expanded dy")
+    assert_close(dw, dw_ref, 1e-5, what="dw, expanded dy")
+
+
+def test_twins_run_without_interpreter(monkeypatch):
+    # The CPU training path: TRITON_INTERPRET unset -> the twins, still validated and differentiable.
+    monkeypatch.delenv("TRITON_INTERPRET")
+    calls = []
+    monkeypatch.setattr(pm, "_scatter_rows", lambda *a, **k: calls.append(a))
+    x = torch.randn(5, 8, requires_grad=True)
+    topk_idx = make_routing(5, 2, 3, "topk")
+    xs, _, rm = permute(x, topk_idx, 3)
+    y = unpermute(xs, rm, torch.full((5, 2), 0.5))
+    (dx,) = torch.autograd.grad(y.sum(), x)
+    assert not calls
+    assert_close(y, x, 1e-6, what="round trip")
+    assert_close(dx, torch.ones_like(x), 1e-6, what="round trip dx")
+    with pytest.raises(ValueError, match="got 3"):
+        permute(x, topk_idx + 1, 3)
