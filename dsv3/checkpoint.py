@@ -467,6 +467,7 @@ class ShardedSafetensorsWriter:
         self.max_shard_bytes = max_shard_bytes
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
+        self._pending_storages: set[int] = set()
         self._shards: list[list[str]] = []
         self.total_bytes = 0
 
@@ -476,7 +477,13 @@ class ShardedSafetensorsWriter:
         nbytes = t.numel() * t.element_size()
         if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
             self.flush()
-        self._pending[hf_key] = t.detach().to("cpu").contiguous()
+        t = t.detach().to("cpu").contiguous()
+        # safetensors refuses tensors that share storage (an expert slice of a stack, an MTP copy of the
+        # embedding): give every written tensor storage of its own.
+        if t.untyped_storage().nbytes() != nbytes or t.untyped_storage().data_ptr() in self._pending_storages:
+            t = t.clone()
+        self._pending_storages.add(t.untyped_storage().data_ptr())
+        self._pending[hf_key] = t
         self._pending_bytes += nbytes
 
     def flush(self) -> None:
@@ -487,7 +494,7 @@ class ShardedSafetensorsWriter:
         save_file(self._pending, self.out_dir / f".shard-{len(self._shards):05d}.tmp", metadata={"format": "pt"})
         self._shards.append(list(self._pending))
         self.total_bytes += self._pending_bytes
-        self._pending, self._pending_bytes = {}, 0
+        self._pending, self._pending_bytes, self._pending_storages = {}, 0, set()
 
     def finish(self) -> dict[str, str]:
         self.flush()

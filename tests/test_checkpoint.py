@@ -257,3 +257,88 @@ def test_reader_refuses_pickles_and_names_missing_shards(tmp_path, hf_tiny):
     (tmp_path / "sharded" / "model-00002-of-00003.safetensors").unlink()
     with pytest.raises(ValueError, match=r"shard model-00002-of-00003.safetensors .*holding model\.\S+ .*missing"):
         ck.SafetensorsCheckpoint(tmp_path / "sharded")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# from_pretrained / save_pretrained against transformers
+def _rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def test_from_pretrained_logits_match_transformers(hf_mtp):
+    from tritonmoe.dsv3 import DeepseekV3ForCausalLM
+
+    path, tf_model = hf_mtp
+    ours = DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32)
+    input_ids = torch.randint(0, TINY["vocab_size"], (2, 9))
+    with torch.no_grad():
+        ref = tf_model(input_ids).logits
+        got = ours(input_ids).logits
+    print(f"from_pretrained fp32 logits max rel err vs transformers: {_rel_err(got, ref):.2e}")
+    assert_close(got, ref, 1e-5, what="logits")
+    hf = _read_all(path)
+    assert torch.equal(ours.model.mtp[0].eh_proj.weight, hf["model.layers.3.eh_proj.weight"])
+    assert ours.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
+
+
+def test_from_pretrained_without_mtp_layers_and_dtype(hf_tiny):
+    from tritonmoe.dsv3 import DeepseekV3ForCausalLM
+
+    path, _ = hf_tiny  # transformers' save_pretrained drops MTP although config.json says 1
+    with pytest.warns(UserWarning, match="no MTP layers"):
+        ours = DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    assert len(ours.model.mtp) == 0
+    assert ours.model.layers[2].mlp.experts.gate_up_proj.dtype == torch.bfloat16
+    assert ours.model.layers[2].mlp.gate.e_score_correction_bias.dtype == torch.float32  # buffers keep theirs
+    init = ck.from_pretrained(DeepseekV3ForCausalLM, path, missing_mtp="init")
+    assert len(init.model.mtp) == 1
+    with pytest.raises(ValueError, match="num_nextn_predict_layers=1 but the checkpoint holds no layer"):
+        ck.from_pretrained(DeepseekV3ForCausalLM, path, missing_mtp="error")
+
+
+def test_from_pretrained_reports_keys_and_shapes(tmp_path, hf_mtp):
+    from tritonmoe.dsv3 import DeepseekV3ForCausalLM
+
+    path, _ = hf_mtp
+    hf = _read_all(path)
+    cfg = json.loads((path / ck.CONFIG_FILE).read_text())
+    broken = {k: v for k, v in hf.items() if k != "model.layers.0.mlp.up_proj.weight"}
+    broken["model.layers.1.self_attn.o_proj.bias"] = torch.zeros(32)
+    make_hf_checkpoint(tmp_path / "keys", broken, cfg)
+    with pytest.raises(ValueError) as e:
+        DeepseekV3ForCausalLM.from_pretrained(tmp_path / "keys")
+    assert "model.layers.0.mlp.up_proj.weight" in str(e.value) and "model.layers.1.self_attn.o_proj.bias" in str(e.value)
+
+    reshaped = dict(hf)
+    reshaped["model.layers.0.self_attn.q_b_proj.weight"] = torch.zeros(25, 16)
+    make_hf_checkpoint(tmp_path / "shape", reshaped, cfg)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_b_proj\.weight: shape \(25, 16\)"):
+        DeepseekV3ForCausalLM.from_pretrained(tmp_path / "shape")
+
+    differing = dict(hf)
+    differing["model.layers.3.shared_head.head.weight"] = hf["lm_head.weight"] + 1
+    make_hf_checkpoint(tmp_path / "copy", differing, cfg)
+    with pytest.raises(ValueError, match=r"model\.layers\.3\.shared_head\.head\.weight differs from lm_head\.weight"):
+        DeepseekV3ForCausalLM.from_pretrained(tmp_path / "copy")
+    with pytest.warns(UserWarning, match="dropped"):
+        ck.from_pretrained(DeepseekV3ForCausalLM, tmp_path / "copy", ignore_mtp_copies=True)
+
+
+def test_save_pretrained_round_trip_through_transformers(tmp_path, hf_mtp):
+    from tritonmoe.dsv3 import DeepseekV3ForCausalLM
+
+    path, tf_model = hf_mtp
+    ours = DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ours.save_pretrained(tmp_path / "out")
+    written, source = _read_all(tmp_path / "out"), _read_all(path)
+    assert written.keys() == source.keys()  # published layout, MTP layer with its embed/head copies included
+    assert all(torch.equal(written[k], source[k]) for k in source)
+    reloaded = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "out").eval()
+    input_ids = torch.randint(0, TINY["vocab_size"], (2, 9))
+    with torch.no_grad():
+        ref, got = ours(input_ids).logits, reloaded(input_ids).logits
+    print(f"ours -> save_pretrained -> transformers fp32 logits max rel err: {_rel_err(got, ref):.2e}")
+    assert_close(got, ref, 1e-5, what="logits")
+    again = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    for k, v in ours.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
