@@ -74,6 +74,8 @@ class DeepseekV3Config:
     activation_checkpointing: bool = False  # recompute each decoder block in backward
 
     def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
         if self.rope_scaling is not None:
             self.rope_scaling = _normalize_yarn(dict(self.rope_scaling), self.max_position_embeddings)
         self.validate()
@@ -187,7 +189,6 @@ class DeepseekV3Config:
             rope = {k: v for k, v in self.rope_scaling.items() if v is not None and k != "type"}
             rope.update(rope_type="yarn", rope_theta=self.rope_theta)
         del d["rope_theta"], d["rope_scaling"]
-        d["num_key_value_heads"] = self.num_key_value_heads or self.num_attention_heads
         d.update(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], rope_parameters=rope)
         return d
 

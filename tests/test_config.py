@@ -1,0 +1,116 @@
+"""DeepseekV3Config: reading both rope spellings, presets, to_hf accepted by transformers with equal
+numerics (rope frequencies, attention scales), validation errors, the 671b shapes on the meta device."""
+
+import json
+
+import pytest
+import torch
+import transformers
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
+
+from tritonmoe.dsv3 import PRESETS, DeepseekV3Config, DeepseekV3ForCausalLM
+from tritonmoe.dsv3.model import rope_inv_freq, softmax_scale
+
+YARN = {"factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
+        "mscale": 1.0, "mscale_all_dim": 1.0}
+
+
+def test_presets():
+    for name in PRESETS:
+        cfg = DeepseekV3Config.from_hf(name)
+        assert cfg.n_routed_experts % cfg.n_group == 0
+    tiny = DeepseekV3Config.from_hf("tiny")
+    assert (tiny.vocab_size, tiny.first_k_dense_replace, tiny.num_nextn_predict_layers) == (256, 1, 1)
+    assert DeepseekV3Config.from_hf("16b").q_lora_rank is None
+    big = DeepseekV3Config.from_hf("671b")
+    assert big.rope_scaling["factor"] == 40 and big.rope_scaling["type"] == "yarn"
+
+
+def test_both_rope_spellings_read_the_same(tmp_path):
+    legacy = dict(PRESETS["tiny"], rope_theta=5e4, rope_scaling=dict(YARN, type="yarn"))
+    v5 = {k: v for k, v in legacy.items() if k not in ("rope_theta", "rope_scaling")}
+    v5["rope_parameters"] = dict(YARN, rope_type="yarn", rope_theta=5e4)
+    a, b = DeepseekV3Config.from_hf(legacy), DeepseekV3Config.from_hf(v5)
+    assert a == b and a.rope_theta == 5e4 and a.rope_scaling["mscale_all_dim"] == 1.0
+    plain = DeepseekV3Config.from_hf({**v5, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}})
+    assert plain.rope_scaling is None and plain.rope_theta == 1e6
+    # A real file, read by path to the file and to its folder; unknown keys ignored; overrides win.
+    (tmp_path / "config.json").write_text(json.dumps({**v5, "architectures": ["X"], "torch_dtype": "bfloat16",
+                                                      "q_lora_rank": None, "n_shared_experts": 0}))
+    c1 = DeepseekV3Config.from_hf(tmp_path)
+    c2 = DeepseekV3Config.from_hf(str(tmp_path / "config.json"), mtp_loss_weight=0.1)
+    assert c1.q_lora_rank is None and c1.n_shared_experts == 0 and c2.mtp_loss_weight == 0.1
+    assert c1.replace(mtp_loss_weight=0.1) == c2
+
+
+@pytest.mark.parametrize("rope", [None, YARN, dict(YARN, mscale=0.707, factor=8)],
+                         ids=["plain", "yarn_v3", "yarn_mscale_ratio"])
+def test_to_hf_loads_in_transformers_with_equal_numerics(rope, tmp_path):
+    cfg = DeepseekV3Config.from_hf("tiny", rope_scaling=rope, q_lora_rank=None, n_shared_experts=2)
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf()))
+    hf = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert type(hf).__name__ == "DeepseekV3Config"
+    for k in ("hidden_size", "q_lora_rank", "kv_lora_rank", "n_routed_experts", "n_shared_experts", "n_group",
+              "topk_group", "num_experts_per_tok", "routed_scaling_factor", "first_k_dense_replace",
+              "num_nextn_predict_layers", "rope_interleave", "tie_word_embeddings", "rms_norm_eps"):
+        assert getattr(hf, k) == getattr(cfg, k), k
+    ours_freq, ours_factor = rope_inv_freq(cfg)
+    kind = hf.rope_parameters["rope_type"]
+    if kind == "default":
+        hf_freq, hf_factor = transformers.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3RotaryEmbedding \
+            .compute_default_rope_parameters(hf)
+    else:
+        hf_freq, hf_factor = ROPE_INIT_FUNCTIONS[kind](hf)
+    assert torch.equal(ours_freq, hf_freq) and ours_factor == pytest.approx(hf_factor, rel=1e-12)
+    assert softmax_scale(cfg) == pytest.approx(DeepseekV3Attention(hf, 0).scaling, rel=1e-12)
+    assert DeepseekV3Config.from_hf(tmp_path) == cfg  # our own round trip, training fields included
+
+
+def test_num_mtp_layers_spelling():
+    d = {k: v for k, v in PRESETS["tiny"].items() if k != "num_nextn_predict_layers"}
+    assert DeepseekV3Config.from_hf({**d, "num_mtp_layers": 2}).num_nextn_predict_layers == 2
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(n_routed_experts=10, n_group=4), "not divisible by n_group"),
+    (dict(n_group=2, topk_group=3), "topk_group=3 > n_group=2"),
+    (dict(n_routed_experts=8, n_group=4, topk_group=1, num_experts_per_tok=3), "chosen groups hold"),
+    (dict(n_routed_experts=8, n_group=8, topk_group=2), "top-2"),
+    (dict(num_experts_per_tok=0), "num_experts_per_tok=0"),
+    (dict(qk_rope_head_dim=7), "qk_rope_head_dim must be even"),
+    (dict(q_lora_rank=0), "q_lora_rank"),
+    (dict(hidden_act="gelu"), "hidden_act"),
+    (dict(scoring_func="softmax"), "scoring_func"),
+    (dict(n_shared_experts=-1), "n_shared_experts"),
+    (dict(rope_scaling={"type": "yarn", "factor": -2.0}), "factor"),
+])
+def test_invalid_configs_raise(change, message):
+    with pytest.raises(ValueError, match=message):
+        DeepseekV3Config.from_hf("tiny", **change)
+
+
+def test_unknown_sources_raise():
+    with pytest.raises(ValueError, match="neither a preset"):
+        DeepseekV3Config.from_hf("huge")
+    with pytest.raises(ValueError, match="rope type"):
+        DeepseekV3Config.from_hf({**PRESETS["tiny"], "rope_scaling": {"type": "longrope", "factor": 2.0}})
+    with pytest.raises(ValueError, match="not DeepSeek-V3"):
+        DeepseekV3Config.from_hf({**PRESETS["tiny"], "model_type": "llama"})
+    with pytest.raises(ValueError, match="moe_layer_freq"):
+        DeepseekV3Config.from_hf("tiny", moe_layer_freq=2).to_hf()
+
+
+def test_671b_on_meta_device():
+    cfg = DeepseekV3Config.from_hf("671b")
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    mtp = sum(p.numel() for p in model.model.mtp.parameters())
+    # DeepSeek-V3 report: 671B parameters in the main model; MTP adds ~14B with its own copies of the
+    # embedding and head (2 x 0.93B), which we share instead.
+    assert 670.5e9 < total - mtp < 671.5e9, total - mtp
+    assert 11.4e9 < mtp < 11.8e9, mtp
+    layer = model.model.layers[3]
+    assert layer.mlp.experts.gate_up_proj.shape == (256, 4096, 7168)
+    assert model.model.layers[2].mlp.__class__.__name__ == "MLP"  # first_k_dense_replace=3
