@@ -18,6 +18,7 @@ Shape letters: T tokens, H hidden, K top-k, E experts, R = T*K routed rows.
 TRITONMOE_PERMUTE_BLOCK_H (a power of two) pins the H tile of every kernel, for debugging and small tests.
 """
 
+import operator
 import os
 
 import torch
@@ -146,6 +147,7 @@ class _PermuteRows(torch.autograd.Function):
         return _scatter_rows(x_TH, row_map_TK, None, row_map_TK.numel())
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels record no graph: refuse double backward
     def backward(ctx, dx_sorted_RH):
         (row_map_TK,) = ctx.saved_tensors
         # dx[t] = sum_j dx_sorted[row_map[t, j]]: an unweighted unpermute.
@@ -162,6 +164,7 @@ class _UnpermuteRows(torch.autograd.Function):
         return _gather_rows(y_sorted_RH, row_map_TK, w_TK)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy_TH):
         y_sorted_RH, row_map_TK, w_TK = ctx.saved_tensors
         need_dys, _, need_dw = ctx.needs_input_grad
@@ -226,8 +229,12 @@ def permute(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int):
     """
     _check_rows("x", x)
     _check_index("topk_idx", topk_idx)
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    try:
+        num_experts = operator.index(num_experts)
+    except TypeError:
+        raise ValueError(f"num_experts must be an int, got {num_experts!r}") from None
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
     if topk_idx.shape[0] != x.shape[0]:
         raise ValueError(f"topk_idx has {topk_idx.shape[0]} rows but x has {x.shape[0]} tokens")
     if topk_idx.device != x.device:
@@ -262,10 +269,12 @@ def unpermute(y_sorted: torch.Tensor, row_map: torch.Tensor, topk_weights: torch
     _check_range("row_map", row_map, y_sorted.shape[0])
     if not _use_triton(y_sorted):
         return unpermute_torch(y_sorted, row_map, topk_weights)
-    if y_sorted.requires_grad and row_map.numel() > 0:
+    if y_sorted.requires_grad and row_map.numel() > 0 and y_sorted.shape[0] > 0:
         # The d y_sorted scatter writes each mapped row once; a repeated row would race (the twin adds).
         counts = torch.zeros(y_sorted.shape[0], dtype=torch.int32, device=row_map.device)
-        counts.scatter_add_(0, row_map.reshape(-1).long(), counts.new_ones(row_map.numel()))
+        # Clamped so an out-of-range entry reports through the range check above, not a scatter assert.
+        rows = row_map.reshape(-1).long().clamp(0, y_sorted.shape[0] - 1)
+        counts.scatter_add_(0, rows, counts.new_ones(row_map.numel()))
         if row_map.device.type == "cuda":
             torch._assert_async((counts <= 1).all(), "row_map repeats a row of y_sorted")
         elif (counts > 1).any():

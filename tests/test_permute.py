@@ -222,6 +222,7 @@ def _bad_permute_calls():
         pytest.param(lambda: permute(x, idx.clone().index_fill_(0, torch.tensor([1]), -2), 3), "got -2",
                      id="idx_negative"),
         pytest.param(lambda: permute(x, idx, 0), "got 0", id="E_zero"),
+        pytest.param(lambda: permute(x, idx, 2.5), "got 2.5", id="E_float"),
         pytest.param(lambda: permute(x.double(), idx, 3), "float64", id="x_fp64"),
         pytest.param(lambda: permute(x, idx.to("meta"), 3), "meta", id="devices"),
     ]
@@ -272,6 +273,16 @@ def test_non_contiguous_inputs():
     dys_ref, dw_ref = torch.autograd.grad(unpermute_torch(ys_ref, rm, w_ref).sum(), (ys_ref, w_ref))
     assert_close(dys, dys_ref, 1e-5, what="dys, expanded dy")
     assert_close(dw, dw_ref, 1e-5, what="dw, expanded dy")
+
+
+def test_double_backward_is_refused():
+    # The backward kernels record no graph; a second derivative must fail loudly, not come back as zero.
+    x = torch.randn(4, 8, requires_grad=True)
+    xs, _, rm = permute(x, make_routing(4, 2, 3, "topk"), 3)
+    y = unpermute(xs, rm, torch.rand(4, 2, requires_grad=True))
+    (dx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        dx.sum().backward()
 
 
 def test_twins_run_without_interpreter(monkeypatch):
