@@ -6,7 +6,7 @@ pre-tokenized file of uint16/uint32 token ids (read through np.memmap, never loa
 Out: a `Corpus` with a train and a held-out validation token stream, and `batch(...)`, which returns the
 sequences of one rank's share of step s's global batch.
 
-Determinism: the global batch of step s is B windows of seq_len + 1 tokens at offsets drawn from a generator
+Determinism: the global batch of step s is B windows of seq_len tokens at offsets drawn from a generator
 seeded with (seed, s) only. Data-parallel rank r of W takes sequences [r*B/W, (r+1)*B/W). So the same
 sequences are trained on at step s whatever the world size or EP degree, and resuming at step s needs no
 data-loader state beyond s itself.
@@ -95,21 +95,22 @@ def load_corpus(data: str | os.PathLike | None = None, token_dtype: str | None =
 
 
 def step_offsets(seed: int, step: int, global_batch: int, n_tokens: int, seq_len: int) -> np.ndarray:
-    """Start offsets [global_batch] of step `step`'s windows (seq_len + 1 tokens each); a function of
+    """Start offsets [global_batch] of step `step`'s windows (seq_len tokens each); a function of
     (seed, step) only."""
-    if n_tokens < seq_len + 1:
-        raise ValueError(f"corpus of {n_tokens} tokens is shorter than one sequence of {seq_len} + 1")
+    if n_tokens < seq_len:
+        raise ValueError(f"corpus of {n_tokens} tokens is shorter than one sequence of {seq_len}")
     rng = np.random.default_rng([seed, step])
-    return rng.integers(0, n_tokens - seq_len, size=global_batch, dtype=np.int64)
+    return rng.integers(0, n_tokens - seq_len + 1, size=global_batch, dtype=np.int64)
 
 
 def batch(tokens: np.ndarray, seed: int, step: int, global_batch: int, seq_len: int, dp_rank: int = 0,
           dp_size: int = 1, device: torch.device | str = "cpu") -> torch.Tensor:
-    """This rank's share of step `step`'s global batch: int64 [global_batch / dp_size, seq_len + 1]
-    (inputs are [:, :-1] and next-token targets [:, 1:], or pass it whole where the model shifts)."""
+    """This rank's share of step `step`'s global batch: int64 [global_batch / dp_size, seq_len], used as
+    both input_ids and labels (the model scores position i on token i+1, and MTP depth d on i+d+1)."""
     if global_batch % dp_size:
         raise ValueError(f"global batch size {global_batch} is not divisible by the {dp_size} data-parallel ranks")
     per_rank = global_batch // dp_size
-    offsets = step_offsets(seed, step, global_batch, tokens.size, seq_len)[dp_rank * per_rank:(dp_rank + 1) * per_rank]
-    rows = np.stack([np.asarray(tokens[o:o + seq_len + 1], dtype=np.int64) for o in offsets])
+    offsets = step_offsets(seed, step, global_batch, tokens.size, seq_len)
+    offsets = offsets[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+    rows = np.stack([np.asarray(tokens[o:o + seq_len], dtype=np.int64) for o in offsets])
     return torch.from_numpy(rows).to(device)

@@ -3,7 +3,6 @@
 Order of application to a model built without any process group:
     meshes = build_meshes(ep, num_experts)                  # dense ("dp",) + expert ("edp", "ep") meshes
     apply_expert_parallel(model, meshes.expert)             # when ep > 1: experts -> DTensor Shard(0) over ep
-    apply_activation_checkpointing(model)                   # optional
     apply_fsdp(model, meshes.dense, meshes.expert, param_dtype=torch.bfloat16)   # bf16 on GPUs
 Checkpoints: save_checkpoint / load_checkpoint / latest_checkpoint for training state, and
 load_model_weights(model, dcp_dir) for weights only (e.g. a checkpoint written by `convert hf2dcp`).
@@ -14,7 +13,7 @@ from .all_to_all import all_to_all
 from .checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, load_model_weights,
                          save_checkpoint)
 from .expert_parallel import ExpertParallelDispatcher, apply_expert_parallel, find_moe_layers
-from .fsdp import apply_activation_checkpointing, apply_fsdp, clip_grad_norm_, find_blocks
+from .fsdp import apply_fsdp, clip_grad_norm_, find_blocks
 from .mesh import Meshes, build_meshes, check_ep_degree, local_device
 
 __all__ = [
@@ -22,7 +21,6 @@ __all__ = [
     "ExpertParallelDispatcher",
     "Meshes",
     "all_to_all",
-    "apply_activation_checkpointing",
     "apply_expert_parallel",
     "apply_fsdp",
     "build_meshes",

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -122,11 +123,19 @@ def _check_readable(path: Path) -> None:
         raise CheckpointError(f"checkpoint {path} is incomplete: no DCP .metadata file (an interrupted save?)")
 
 
+def _reason(e: BaseException) -> str:
+    """One line for an error message: DCP's CheckpointException carries every rank's traceback."""
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[-1] if lines else ''}"
+
+
 def _dcp_load(state: dict, path: Path) -> None:
     try:
         dcp.load(state, checkpoint_id=str(path))
-    except Exception as e:  # DCP raises many types (unpickling, missing keys, shape mismatch): name the dir
-        raise CheckpointError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from e
+    # DCP raises many types (unpickling, missing keys, shape mismatch), and CheckpointException derives from
+    # BaseException: catch both and name the directory.
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"cannot load checkpoint {path}: {_reason(e)}") from e
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module,
@@ -164,7 +173,7 @@ def load_model_weights(model: nn.Module, dcp_dir: str | os.PathLike, strict: boo
     try:
         dcp.load({"model": sd}, checkpoint_id=str(path),
                  planner=dcp.DefaultLoadPlanner(allow_partial_load=not strict))
-    except Exception as e:
-        raise CheckpointError(f"cannot load model weights from {path}: {type(e).__name__}: {e}") from e
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"cannot load model weights from {path}: {_reason(e)}") from e
     set_model_state_dict(model, sd, options=StateDictOptions(strict=strict))
     return model

@@ -1,17 +1,21 @@
-"""FSDP2 wrapping for a model with (optionally expert-parallel) MoE layers, activation checkpointing, and
-gradient-norm clipping that is correct when parameters live on different meshes.
+"""FSDP2 wrapping for a model with (optionally expert-parallel) MoE layers, and gradient-norm clipping that is
+correct when parameters live on different meshes.
 
 In: a built model (after `apply_expert_parallel` when ep > 1) and the meshes from `build_meshes`.
 Units, innermost first: each MoE layer's routed experts over the expert mesh's "edp" dimension (their
-DTensor "ep" sharding stays as it is, so they end up 2-D sharded), then each block (the entries of the
-model's ModuleLists: decoder layers and MTP modules) over the dense mesh, then the root (embeddings, final
-norm, head) over the dense mesh. This is the composition that FSDP1 could not express without patching
+DTensor "ep" sharding stays as it is, so they end up 2-D sharded), then each decoder block (MTP blocks
+included) over the dense mesh, then the root (embeddings, final norm, head, MTP projections) over the dense
+mesh. This is the composition that FSDP1 could not express without patching
 PyTorch (pytorch/pytorch#149396): separate meshes, unpatched `fully_shard`.
 
 Gradient scale of experts: a local expert's gradient already sums the contributions of the tokens of all
 ep ranks (they came through the all-to-all); FSDP's reduce-scatter over "edp" then sums over the edp
 groups, so the sum covers every rank once and must be divided by the world size, not by edp (FSDP's
 default). Dense parameters get FSDP's default average over the dense mesh (= the world).
+
+Activation checkpointing composes when it sits inside a block's forward (dsv3's DecoderLayer does this with
+non-reentrant torch.utils.checkpoint): FSDP's hooks wrap the block's call, the recomputation runs while the
+block's parameters are unsharded for backward.
 """
 
 import functools
@@ -22,17 +26,21 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate
-from torch.utils.checkpoint import checkpoint
 
 from .expert_parallel import find_moe_layers
 
 
 def find_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks: entries of every ModuleList/ModuleDict, outermost only (a block's own lists,
-    if any, stay inside it). For DeepSeek-V3 these are the decoder layers and the MTP modules."""
-    blocks: list[nn.Module] = []
+    """The transformer blocks, by duck typing: modules with both a `self_attn` and an `mlp` child (decoder
+    layers, including the one inside each DeepSeek-V3 MTP module). The MTP module itself is not a unit:
+    the model applies its final `norm` outside the module's forward, when a block unit would already have
+    resharded it; its few small weights stay with the root. Without such modules: the entries of the
+    model's ModuleLists, outermost only."""
+    blocks = [m for m in model.modules() if hasattr(m, "self_attn") and hasattr(m, "mlp")]
+    if blocks:
+        return blocks
     inside: set[int] = set()
-    for _, m in model.named_modules():
+    for m in model.modules():
         if id(m) in inside or not isinstance(m, (nn.ModuleList, nn.ModuleDict)):
             continue
         for child in m.children():
@@ -41,28 +49,11 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
-    """Recompute each block's forward in backward (non-reentrant torch.utils.checkpoint), in place.
-
-    The block's forward is wrapped on the instance, so module names and state-dict keys do not change.
-    Apply before `apply_fsdp`: FSDP's hooks sit on the module call, around the checkpointed forward.
-    The recomputation must not change module state a second time: dsv3's Router skips its token counting
-    while autograd runs a backward for exactly this reason.
-    """
-    for block in find_blocks(model):
-        inner = block.forward
-
-        def forward(*args, _inner=inner, **kwargs):
-            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
-
-        block.forward = forward
-    return model
-
-
 def apply_fsdp(model: nn.Module, dense_mesh: DeviceMesh, expert_mesh: DeviceMesh | None = None, *,
                param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype = torch.float32,
-               reshard_after_forward: bool = True) -> nn.Module:
-    """fully_shard experts over expert_mesh["edp"], every block and then the root over dense_mesh.
+               reshard_after_forward: bool = True, blocks: list[nn.Module] | None = None) -> nn.Module:
+    """fully_shard experts over expert_mesh["edp"], every block (default `find_blocks(model)`) and then
+    the root over dense_mesh.
 
     param_dtype=torch.bfloat16 gives bf16 compute with fp32 master weights and fp32 gradient reduction
     (the GPU setting); None keeps the parameters' dtype. Returns the model (now an FSDP module).
@@ -74,7 +65,12 @@ def apply_fsdp(model: nn.Module, dense_mesh: DeviceMesh, expert_mesh: DeviceMesh
         for _, moe in find_moe_layers(model):
             fully_shard(moe.experts, mesh=edp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
             moe.experts.set_gradient_divide_factor(float(world))
-    for block in find_blocks(model):
+            if edp_mesh.size() > 1 and dist.get_backend(edp_mesh.get_group()) != "nccl":
+                # A custom factor uses NCCL's PREMUL_SUM; gloo has none: sum, then scale separately. Not
+                # with edp == 1: FSDP (torch 2.13) then skips the collective and divides by the factor
+                # itself, and forcing sum would divide a second time (measured: losses off by 4e-5 rel).
+                moe.experts.set_force_sum_reduction_for_comms(True)
+    for block in (find_blocks(model) if blocks is None else blocks):
         fully_shard(block, mesh=dense_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=dense_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     return model

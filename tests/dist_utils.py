@@ -14,6 +14,7 @@ took ~10x longer.
 
 import multiprocessing as mp
 import os
+import pickle
 import socket
 import traceback
 
@@ -35,7 +36,9 @@ def _child(rank, world, port, fn, args, queue):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world)
         result = fn(*args)
-        queue.put((rank, True, result))
+        # Plain pickle bytes: through the queue's own pickler torch would pass tensors as shared-memory
+        # handles, which vanish when this process exits.
+        queue.put((rank, True, pickle.dumps(result)))
     except BaseException:  # report every failure, including SystemExit from an argparse error
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -56,7 +59,7 @@ def run_distributed(fn, world: int, *args, timeout: float = 120.0) -> list:
     try:
         for _ in range(world):
             rank, ok, value = queue.get(timeout=timeout)
-            (results if ok else errors)[rank] = value
+            (results if ok else errors)[rank] = pickle.loads(value) if ok else value
             if errors:  # the others are probably blocked in a collective with the failed rank
                 break
     except Exception as e:  # queue.Empty on timeout

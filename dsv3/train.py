@@ -1,0 +1,325 @@
+"""Training example: DeepSeek-V3 (MLA + MoE + MTP) with FSDP2 + expert parallelism, exact resume.
+
+    torchrun --nproc_per_node=N -m tritonmoe.dsv3.train [--preset tiny] [--ep E] [--steps S] [--out DIR] ...
+    python -m tritonmoe.dsv3.train ...          (one process, world size 1)
+
+With no arguments on a machine without GPUs: the `tiny` preset, byte-level on the Python standard library's
+.py sources (data.py), gloo, EP = gcd(world, experts) (= min(world, experts) whenever one divides the
+other). With GPUs: NCCL, one GPU per rank, bf16 compute with fp32 master weights and fp32 gradient reduction.
+
+Per step s (numbered from 1): the global batch of --batch-size sequences is a function of (seed, s) only and
+is split across the data-parallel ranks; forward + backward; gradient clipping by the global norm over dense
+and expert shards; AdamW with linear warmup and cosine decay; then update_expert_bias (aux-loss-free
+balancing, token counts summed over all ranks). Output: one human line per step on rank 0 and one JSON object
+per step in DIR/metrics.jsonl (step, loss, lm_loss, mtp_loss, tokens_per_s, max_load_ratio, lr, grad_norm,
+and val_loss on validation steps). Checkpoints: DIR/step_XXXXXXXX (parallel/checkpoint.py) after every
+--ckpt-every steps and after the last; --resume continues from the newest complete one to --steps.
+A NaN/inf loss stops the run before the optimizer step, leaving the last checkpoint as it was.
+"""
+
+import argparse
+import json
+import math
+import os
+import resource
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..parallel import (CheckpointError, apply_expert_parallel, apply_fsdp,
+                        build_meshes, check_ep_degree, clip_grad_norm_, latest_checkpoint, load_checkpoint,
+                        save_checkpoint)
+from ..parallel.checkpoint import checkpoint_dir
+from .config import PRESETS, DeepseekV3Config
+from .data import batch, load_corpus
+from .moe import update_expert_bias
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the run stopped without applying that step."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="torchrun --nproc_per_node=N -m tritonmoe.dsv3.train",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="tiny", help=f"model preset ({', '.join(PRESETS)}) or a config.json path")
+    p.add_argument("--ep", type=int, default=None, help="expert-parallel degree (default gcd(world, experts))")
+    p.add_argument("--steps", type=int, default=200, help="train steps 1..STEPS")
+    p.add_argument("--batch-size", type=int, default=16, help="global batch in sequences, split over ranks")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=None, help="warmup steps (default decay-steps // 10)")
+    p.add_argument("--decay-steps", type=int, default=None,
+                   help="length of the LR schedule (default --steps); set it to stop early and --resume later "
+                        "on the same schedule")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--clip", type=float, default=1.0, help="max global gradient norm (0: no clipping)")
+    p.add_argument("--out", default=None, help="output folder (default runs/PRESET)")
+    p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps (and after the last)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ac", action="store_true", help="activation checkpointing of every decoder block")
+    p.add_argument("--val-every", type=int, default=50, help="validation loss every N steps and at the end")
+    p.add_argument("--val-batches", type=int, default=4, help="global batches in one validation")
+    p.add_argument("--data", default=None, help="text file or folder (byte-level), or a token file with "
+                                                "--data-dtype; default: the Python stdlib's .py sources")
+    p.add_argument("--data-dtype", default=None, choices=["uint16", "uint32"], help="token file dtype")
+    p.add_argument("--log-every", type=int, default=1, help="print every N steps (metrics.jsonl gets all)")
+    return p
+
+
+# The root module returns MTP logits as slices of larger tensors; nothing modifies them in place.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+
+
+def _init_distributed() -> None:
+    """Join torchrun's process group, or make a world of one for a plain `python -m` run."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:  # plain python: a one-process gloo group, so the code path is the same
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+
+
+def _lr_at(step: int, args) -> float:
+    """Linear warmup over steps 1..warmup, then cosine from lr to lr * min_lr_ratio at step decay_steps."""
+    total = args.decay_steps or args.steps
+    warmup = total // 10 if args.warmup is None else args.warmup
+    if step <= warmup:  # never true for warmup 0
+        return args.lr * step / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _check_args(args, cfg: DeepseekV3Config, world: int) -> int:
+    """Every user error is raised here, before anything is written. Returns the EP degree."""
+    for name in ("steps", "batch_size", "seq_len", "val_batches", "log_every"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.decay_steps is not None and args.decay_steps < 1:
+        raise ValueError(f"--decay-steps must be >= 1, got {args.decay_steps}")
+    for name in ("ckpt_every", "val_every"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.lr <= 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the world size {world}")
+    if args.seq_len > cfg.max_position_embeddings:
+        raise ValueError(f"--seq-len {args.seq_len} > max_position_embeddings {cfg.max_position_embeddings}")
+    E = cfg.n_routed_experts
+    ep = args.ep if args.ep is not None else (math.gcd(world, E) if E else 1)
+    check_ep_degree(world, ep, E if E else None)
+    return ep
+
+
+def _load_config(preset: str) -> DeepseekV3Config:
+    if preset not in PRESETS and not Path(preset).exists():
+        raise ValueError(f"unknown --preset {preset!r}: use one of {', '.join(PRESETS)} or a config.json path")
+    return DeepseekV3Config.from_hf(preset)
+
+
+def _build_model(cfg: DeepseekV3Config, seed: int, ep: int, device: torch.device):
+    from .model import DeepseekV3ForCausalLM
+
+    torch.manual_seed(seed)  # identical initial weights on every rank and for every layout
+    model = DeepseekV3ForCausalLM(cfg).to(device)
+    meshes = build_meshes(ep, cfg.n_routed_experts or None)
+    if ep > 1:
+        apply_expert_parallel(model, meshes.expert)
+    apply_fsdp(model, meshes.dense, meshes.expert,
+               param_dtype=torch.bfloat16 if device.type == "cuda" else None)
+    return model, meshes
+
+
+def _make_optimizer(model, args) -> torch.optim.Optimizer:
+    # No decay on norms' gains and other vectors (standard for transformers; DeepSeek-V3 report sec. 4.2).
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8, foreach=False)
+
+
+def _losses(model, rows: torch.Tensor):
+    """(loss, lm_loss, mtp_loss) of one local batch of windows [b, seq_len] (the model shifts labels)."""
+    out = model(rows, labels=rows)
+    zero = out.loss.new_zeros(())
+    mtp = out.mtp_loss if out.mtp_loss is not None else zero
+    return out.loss, out.lm_loss, mtp
+
+
+@torch.no_grad()
+def _validate(model, corpus, args, world: int, rank: int, device) -> float:
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for i in range(1, args.val_batches + 1):
+        # A fixed set of validation windows (own seed stream, not tied to the step being validated).
+        rows = batch(corpus.val, args.seed + 1_000_003, i, args.batch_size, args.seq_len, rank, world, device)
+        total += _losses(model, rows)[1].double()
+    dist.all_reduce(total)
+    model.train()
+    return total.item() / (args.val_batches * world)
+
+
+def _memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _prepare_out(out: Path, resume: bool, rank: int) -> Path | None:
+    """The checkpoint to resume from (None for a fresh run); refuses to overwrite an existing run."""
+    ckpt = latest_checkpoint(out)
+    if resume:
+        if ckpt is None:
+            found = sorted(p.name for p in out.glob("step_*")) if out.is_dir() else []
+            raise CheckpointError(f"--resume: no complete checkpoint in {out}"
+                                  + (f" (incomplete: {', '.join(found)})" if found else ""))
+        return ckpt
+    if ckpt is not None or (out / "metrics.jsonl").exists():
+        raise ValueError(f"{out} already holds a run ({ckpt.name if ckpt else 'metrics.jsonl'}): pass --resume to "
+                         "continue it, or choose another --out")
+    return None
+
+
+def _trim_metrics(path: Path, last_step: int) -> None:
+    """Drop metrics of steps after the checkpoint we resume from (they are about to be redone)."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    path.write_text("".join(ln + "\n" for ln in lines if json.loads(ln)["step"] <= last_step))
+
+
+def main(argv: list[str] | None = None, on_step=None) -> dict:
+    """Run training; returns {"losses": {step: loss}, "val_loss": ..., "out": DIR} on every rank.
+
+    on_step(step, model, record) is called on every rank after every step (tests read expert biases here).
+    """
+    args = build_parser().parse_args(argv)
+    cfg = _load_config(args.preset)
+    # The model recomputes each decoder block (MTP blocks too) inside its FSDP unit; its router does not
+    # count tokens again during the recomputation.
+    cfg = cfg.replace(activation_checkpointing=args.ac)
+    _init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ep = _check_args(args, cfg, world)
+    out = Path(args.out or f"runs/{Path(args.preset).stem}")
+    resume_from = _prepare_out(out, args.resume, rank)
+    corpus = load_corpus(args.data, args.data_dtype)
+    if corpus.vocab_size > cfg.vocab_size:
+        raise ValueError(f"data has token ids up to {corpus.vocab_size - 1} but the model's vocab_size is "
+                         f"{cfg.vocab_size}")
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    model, meshes = _build_model(cfg, args.seed, ep, device)
+    optimizer = _make_optimizer(model, args)
+    start = 1
+    metrics_path = out / "metrics.jsonl"
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizer, {"seed": args.seed, "batch_size": args.batch_size,
+                                                                "seq_len": args.seq_len})
+        for key in ("seed", "batch_size", "seq_len"):
+            if state[key] != getattr(args, key):
+                raise ValueError(f"--resume: checkpoint {resume_from} was trained with {key}={state[key]}, "
+                                 f"this run asks for {getattr(args, key)}; pass the same value")
+        start = state["step"] + 1
+        if rank == 0:
+            _trim_metrics(metrics_path, state["step"])
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"tritonmoe train: preset {args.preset}, {n_params / 1e6:.2f}M params, world {world} "
+              f"({dist.get_backend()}), ep {ep} x edp {world // ep}, global batch {args.batch_size} x "
+              f"{args.seq_len}, steps {start}..{args.steps}{' (resumed from ' + resume_from.name + ')' if resume_from else ''}"
+              f"\n  data: {corpus.description}\n  out: {out}", flush=True)
+
+    losses, val_loss, last_ckpt = {}, None, resume_from
+    tokens_per_step = args.batch_size * args.seq_len
+    metrics = open(metrics_path, "a") if rank == 0 else None
+    try:
+        for step in range(start, args.steps + 1):
+            t0 = time.perf_counter()
+            lr = _lr_at(step, args)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            rows = batch(corpus.train, args.seed, step, args.batch_size, args.seq_len, rank, world, device)
+            loss, lm_loss, mtp_loss = _losses(model, rows)
+            loss.backward()
+            # Logged losses are means over the global batch: one all-reduce of the three scalars.
+            logged = torch.stack([loss.detach(), lm_loss.detach(), mtp_loss.detach()]).double()
+            dist.all_reduce(logged)
+            logged = (logged / world).tolist()
+            if not all(math.isfinite(v) for v in logged):
+                raise NonFiniteLossError(
+                    f"step {step}: loss is {logged[0]} (lm {logged[1]}, mtp {logged[2]}); stopped before the "
+                    f"optimizer step. Last good checkpoint: {last_ckpt or 'none'}")
+            grad_norm = clip_grad_norm_(model.parameters(), args.clip) if args.clip > 0 else None
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            counts = update_expert_bias(model)  # token counts summed over every rank
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            record = {"step": step, "loss": logged[0], "lm_loss": logged[1], "mtp_loss": logged[2],
+                      "tokens_per_s": tokens_per_step / dt, "lr": lr}
+            if counts is not None:
+                load = counts.double()
+                record["max_load_ratio"] = (load.max(1).values / load.mean(1)).max().item()
+            if grad_norm is not None:
+                record["grad_norm"] = grad_norm.item()
+            record["memory_mb"] = _memory_mb(device)
+            if args.val_every and (step % args.val_every == 0 or step == args.steps):
+                val_loss = record["val_loss"] = _validate(model, corpus, args, world, rank, device)
+            losses[step] = record["loss"]
+            if rank == 0:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                if step % args.log_every == 0 or step == args.steps or "val_loss" in record:
+                    print(f"step {step:5d}/{args.steps}  loss {record['loss']:.4f} (lm {record['lm_loss']:.4f}, "
+                          f"mtp {record['mtp_loss']:.4f})  {record['tokens_per_s']:,.0f} tok/s  "
+                          f"max/mean expert load {record.get('max_load_ratio', float('nan')):.2f}  "
+                          f"mem {record['memory_mb']:,.0f} MiB  lr {lr:.2e}"
+                          + (f"  val {record['val_loss']:.4f}" if "val_loss" in record else ""), flush=True)
+            if on_step is not None:
+                on_step(step, model, record)
+            if (args.ckpt_every and step % args.ckpt_every == 0) or step == args.steps:
+                last_ckpt = save_checkpoint(out, step, model, optimizer, {"seed": args.seed,
+                                                                          "batch_size": args.batch_size,
+                                                                          "seq_len": args.seq_len})
+    finally:
+        if metrics is not None:
+            metrics.close()
+    return {"losses": losses, "val_loss": val_loss, "out": str(out), "ep": ep, "world": world,
+            "last_checkpoint": str(last_ckpt) if last_ckpt else None}
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Entry point: user errors print one clear line (rank 0) and exit with status 2; no traceback."""
+    try:
+        main(argv)
+    except (ValueError, CheckpointError, NonFiniteLossError) as e:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,201 @@
+"""The training example on real gloo processes: layout equivalence, exact resume, resume under another EP
+degree and world size, and the run-level failure modes.
+
+Ranks are forked (tests/dist_utils.py) and call `tritonmoe.dsv3.train.main` in-process: the same code path as
+`torchrun -m tritonmoe.dsv3.train`, without an interpreter start per run; one CLI test runs the real torchrun.
+"""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from dist_utils import run_distributed  # noqa: E402
+
+# Small enough for CI's 2 cores, large enough that every MoE layer routes to every expert.
+# --decay-steps 20 everywhere: runs stopped at step 10 follow the schedule of the 20-step reference.
+COMMON = ["--preset", "tiny", "--batch-size", "8", "--seq-len", "32", "--lr", "3e-3", "--warmup", "3",
+          "--decay-steps", "20",
+          "--val-every", "0", "--seed", "7", "--log-every", "100"]
+REL = 1e-5  # fp32: layouts differ only in the order of additions in reductions
+
+
+def _train(argv: list[str]) -> dict:
+    """main(argv) on this rank; also records every rank's expert biases after every step."""
+    import torch.distributed as dist
+
+    from tritonmoe.dsv3.moe import routers
+    from tritonmoe.dsv3.train import main
+
+    biases = {}
+
+    def on_step(step, model, record):
+        biases[step] = torch.cat([r.e_score_correction_bias for r in routers(model)]).clone()
+
+    out = main(argv, on_step=on_step)
+    out["biases"] = biases
+    out["rank"] = dist.get_rank()
+    return out
+
+
+def _train_many(runs: list[list[str]], bad_config: str | None = None) -> list[dict]:
+    results = [_train(argv) for argv in runs]
+    if bad_config is not None:  # ep dividing the world (4) but not the experts (6): refused before any write
+        from tritonmoe.dsv3.train import main
+        out = Path(bad_config).parent / "never"
+        with pytest.raises(ValueError, match="ep=4 does not divide n_routed_experts=6"):
+            main(COMMON + ["--preset", bad_config, "--ep", "4", "--out", str(out)])
+        assert not out.exists()
+    return results
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / abs(b)
+
+
+def _copy_run_until(src: Path, dst: Path, step: int) -> None:
+    """A run that stopped after the checkpoint of `step`: that checkpoint and its metrics lines only."""
+    dst.mkdir(parents=True)
+    shutil.copytree(src / f"step_{step:08d}", dst / f"step_{step:08d}")
+    lines = (src / "metrics.jsonl").read_text().splitlines()
+    (dst / "metrics.jsonl").write_text("".join(ln + "\n" for ln in lines if json.loads(ln)["step"] <= step))
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> dict:
+    """World 1: 20 steps straight, checkpoints after steps 10 and 20 (the reference for every test here)."""
+    out = tmp_path_factory.mktemp("runs") / "w1"
+    (res,) = run_distributed(_train, 1, COMMON + ["--steps", "20", "--ckpt-every", "10", "--out", str(out)])
+    return res
+
+
+def test_layouts_and_resume_match_world_1(straight, tmp_path):
+    ref = straight["losses"]
+    assert sorted(ref) == list(range(1, 21))
+    ckpt10 = Path(straight["out"])
+    runs = [COMMON + ["--steps", "10", "--ep", str(ep), "--out", str(tmp_path / f"ep{ep}")] for ep in (1, 2, 4)]
+    # Resume world 1's step-10 checkpoint on 4 ranks with ep 2: another world size and EP degree.
+    _copy_run_until(ckpt10, tmp_path / "resume_ep2", 10)
+    runs.append(COMMON + ["--steps", "20", "--ep", "2", "--resume", "--out", str(tmp_path / "resume_ep2")])
+    from tritonmoe.dsv3.config import DeepseekV3Config
+    bad_config = tmp_path / "config.json"
+    bad_config.write_text(json.dumps(DeepseekV3Config.from_hf("tiny", n_routed_experts=6, n_group=2).to_hf()))
+    per_rank = run_distributed(_train_many, 4, runs, str(bad_config), timeout=300)
+
+    worst = {}
+    for i, ep in enumerate((1, 2, 4)):
+        results = [r[i] for r in per_rank]
+        assert results[0]["ep"] == ep and results[0]["world"] == 4
+        assert sorted(results[0]["losses"]) == list(range(1, 11))
+        worst[f"world 4 ep {ep}"] = max(_rel(results[0]["losses"][s], ref[s]) for s in range(1, 11))
+        for step in range(1, 11):  # the balancing state is replicated: bit-identical on every rank
+            for r in results[1:]:
+                assert torch.equal(r["biases"][step], results[0]["biases"][step]), (ep, step, r["rank"])
+        for r in results[1:]:  # every rank logs the global-batch mean
+            assert r["losses"] == results[0]["losses"]
+    resumed = per_rank[0][3]
+    assert sorted(resumed["losses"]) == list(range(11, 21))
+    worst["resume w1->w4 ep2"] = max(_rel(resumed["losses"][s], ref[s]) for s in range(11, 21))
+    print("\nmax relative loss difference vs world 1:", {k: f"{v:.2e}" for k, v in worst.items()})
+    assert max(worst.values()) <= REL, worst
+    # metrics.jsonl continues the stopped run: steps 1..20 once each
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "resume_ep2" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 21))
+
+
+def test_exact_resume_same_layout(straight, tmp_path):
+    """10 steps, stop, --resume to 20: steps 11-20 bit-identical to the straight run."""
+    out = str(tmp_path / "r")
+    run_distributed(_train_many, 1, [COMMON + ["--steps", "10", "--out", out]])
+    (res,) = run_distributed(_train, 1, COMMON + ["--steps", "20", "--resume", "--out", out])
+    assert sorted(res["losses"]) == list(range(11, 21))
+    for s in range(11, 21):
+        assert res["losses"][s] == straight["losses"][s], (s, res["losses"][s], straight["losses"][s])
+        assert torch.equal(res["biases"][s], straight["biases"][s])
+    lines = [json.loads(ln) for ln in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [ln["step"] for ln in lines] == list(range(1, 21))
+    for key in ("step", "loss", "lm_loss", "mtp_loss", "tokens_per_s", "max_load_ratio"):
+        assert all(key in ln and math.isfinite(ln[key]) for ln in lines), key
+
+
+def _bad_inputs(root: str, ckpt_src: str) -> dict:
+    """User errors on one rank: each must raise a clear error before writing anything."""
+    from tritonmoe.dsv3.train import NonFiniteLossError, main
+    from tritonmoe.parallel import CheckpointError
+
+    root = Path(root)
+    msgs = {}
+
+    def expect(exc, argv, match):
+        with pytest.raises(exc, match=match) as e:
+            main(COMMON + argv)
+        msgs[match] = str(e.value)
+
+    expect(ValueError, ["--preset", "huge", "--out", str(root / "a")], "unknown --preset 'huge'")
+    expect(ValueError, ["--ep", "2", "--out", str(root / "a")], "ep=2 does not divide the world size 1")
+    expect(ValueError, ["--batch-size", "0", "--out", str(root / "a")], "--batch-size must be >= 1")
+    expect(CheckpointError, ["--resume", "--out", str(root / "a")], "no complete checkpoint")
+    assert not (root / "a").exists()
+
+    # An existing run is never overwritten by a fresh start.
+    run = root / "run"
+    _copy_run_until(Path(ckpt_src), run, 10)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    expect(ValueError, ["--steps", "12", "--out", str(run)], "already holds a run")
+    # A crashed save (temp dir) and an incomplete checkpoint dir are skipped; a corrupt one is an error.
+    (run / ".step_00000012.tmp").mkdir()
+    (run / "step_00000011").mkdir()
+    (run / "step_00000011" / "meta.json").write_text("{}")
+    meta = run / "step_00000010" / ".metadata"
+    meta.write_bytes(b"not a DCP metadata file")
+    before[meta] = meta.read_bytes()
+    expect(CheckpointError, ["--steps", "12", "--resume", "--out", str(run)], "cannot load checkpoint")
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.parent.name.startswith("step_00000010")
+             or p.name == "metrics.jsonl"}
+    assert all(after[p] == before[p] for p in after)
+
+    # A NaN loss stops the run before its optimizer step and names the last good checkpoint.
+    nan_out = root / "nan"
+
+    def poison(step, model, record):
+        if step == 2:
+            with torch.no_grad():
+                next(model.parameters()).to_local().fill_(float("nan"))
+
+    with pytest.raises(NonFiniteLossError, match="step 3: loss is nan") as e:
+        main(COMMON + ["--steps", "6", "--ckpt-every", "2", "--out", str(nan_out)], on_step=poison)
+    msgs["nan"] = str(e.value)
+    assert "step_00000002" in msgs["nan"]
+    lines = (nan_out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(ln)["step"] for ln in lines] == [1, 2]
+    assert sorted(p.name for p in nan_out.glob("step_*")) == ["step_00000002"]
+    return msgs
+
+
+def test_bad_inputs_fail_clearly(straight, tmp_path):
+    (msgs,) = run_distributed(_bad_inputs, 1, str(tmp_path), straight["out"])
+    print("\n" + "\n".join(msgs.values()))
+
+
+def test_torchrun_cli(tmp_path):
+    """The documented command, as a user runs it (2 ranks, default EP = 2), and a user error's exit."""
+    env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "tritonmoe.dsv3.train",
+           "--steps", "3", "--batch-size", "4", "--seq-len", "32", "--val-every", "3", "--out", str(tmp_path / "o")]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "ep 2 x edp 1" in res.stdout and "step     3/3" in res.stdout, res.stdout
+    lines = [json.loads(ln) for ln in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert [ln["step"] for ln in lines] == [1, 2, 3] and "val_loss" in lines[-1]
+    assert (tmp_path / "o" / "step_00000003" / ".metadata").is_file()
+    bad = subprocess.run([sys.executable, "-m", "tritonmoe.dsv3.train", "--preset", "nope",
+                          "--out", str(tmp_path / "b")], env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "error: unknown --preset 'nope'" in bad.stderr, bad.stderr[-2000:]
+    assert not (tmp_path / "b").exists()
