@@ -6,13 +6,29 @@ import torch
 import transformers
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
+import tritonmoe.dsv3.moe as moe_module
 from helpers import assert_close
+from tritonmoe import kernels
 from tritonmoe.dsv3 import DeepseekV3Config, MoE
 from tritonmoe.dsv3.moe import LocalDispatcher, Router, sequence_balance_loss
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
             num_attention_heads=2, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
             v_head_dim=8, first_k_dense_replace=0, num_nextn_predict_layers=0)
+
+
+def use_twins(monkeypatch):
+    """Run the expert path on the kernels' PyTorch twins.  Under TRITON_INTERPRET=1 each interpreted
+    grouped-GEMM launch costs ~0.3-1 s on CI's 2 cores, so only some cases go through the interpreter;
+    the kernels' own tests hold them to the twins."""
+    monkeypatch.setattr(moe_module, "grouped_gemm", kernels.grouped_gemm_torch)
+    monkeypatch.setattr(moe_module, "permute", kernels.permute_torch)
+    monkeypatch.setattr(moe_module, "unpermute", kernels.unpermute_torch)
+
+
+@pytest.fixture
+def twins(monkeypatch):
+    use_twins(monkeypatch)
 
 
 def make_cfg(**kw) -> DeepseekV3Config:
@@ -38,16 +54,21 @@ def ours_from(ref: DeepseekV3MoE, cfg: DeepseekV3Config) -> MoE:
     return moe
 
 
-@pytest.mark.parametrize("kw, shape", [
-    (dict(n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1), (2, 7, 32)),  # no grouping
-    (dict(n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2), (2, 7, 32)),  # grouped
+@pytest.mark.parametrize("kw, shape, kernel_path", [
+    (dict(n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1), (2, 7, 32), "twin"),  # no groups
+    (dict(n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2), (2, 7, 32), "twin"),  # grouped
+    (dict(n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2), (2, 7, 32), "triton"),
     (dict(n_routed_experts=12, num_experts_per_tok=2, n_group=3, topk_group=1,  # one group: K from 4
-          norm_topk_prob=False, n_shared_experts=2), (13, 32)),  # [T,H] input, 2 shared experts
+          norm_topk_prob=False, n_shared_experts=2), (13, 32), "twin"),  # [T,H] input, 2 shared experts
+    (dict(n_routed_experts=12, num_experts_per_tok=2, n_group=3, topk_group=1,
+          norm_topk_prob=False, n_shared_experts=2), (13, 32), "triton"),
     (dict(n_routed_experts=6, num_experts_per_tok=6, n_group=1, topk_group=1,  # K == E
-          n_shared_experts=0, routed_scaling_factor=1.0), (3, 5, 32)),
-    (dict(n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=4), (1, 3, 32)),  # all groups
+          n_shared_experts=0, routed_scaling_factor=1.0), (3, 5, 32), "twin"),
+    (dict(n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=4), (1, 3, 32), "twin"),  # all groups
 ])
-def test_moe_matches_transformers(kw, shape):
+def test_moe_matches_transformers(kw, shape, kernel_path, monkeypatch):
+    if kernel_path == "twin":
+        use_twins(monkeypatch)
     cfg = make_cfg(**kw)
     ref = hf_moe(cfg)
     moe = ours_from(ref, cfg)
@@ -119,7 +140,7 @@ class RecordingDispatcher(LocalDispatcher):
         return y
 
 
-def test_dispatch_seam():
+def test_dispatch_seam(twins):
     cfg = make_cfg(n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1)
     moe = MoE(cfg)
     assert isinstance(moe.dispatcher, LocalDispatcher) and moe.num_experts == 8
@@ -136,7 +157,7 @@ def test_shape_check():
         MoE(make_cfg())(torch.randn(4, 31))
 
 
-def test_sequence_balance_loss_reaches_gradients():
+def test_sequence_balance_loss_reaches_gradients(twins):
     alpha = 0.05
     cfg = make_cfg(n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=2)
     with_aux = MoE(cfg.replace(seq_aux_loss_alpha=alpha)).train()
