@@ -186,7 +186,7 @@ def run_case(proj: str, G: int, tok_per_g: int, dist: str, N: int, K: int, devic
             extra: dict[str, Any] = {}
             try:
                 if name != "dense":
-                    extra["max_rel_err_vs_loop"] = round(_rel_err(_first(fn(*arg_sets[0])), ref), 6)
+                    extra["max_rel_err_vs_loop"] = common.sig(_rel_err(_first(fn(*arg_sets[0])), ref))
                 t = common.time_fn(fn, arg_sets, device, quick=quick)
                 rate = flops / (t.median_ms * 1e-3) / 1e12
             except (RuntimeError, NotImplementedError) as e:  # a peer unsupported on this device/dtype

@@ -130,7 +130,7 @@ def run_case(T: int, K: int, H: int, E: int, device: torch.device, quick: bool) 
         },
         "unpermute": {
             "ours": (unperm_fn, [(s["y_sorted"], s["row_map"], s["w"]) for s in sets], unperm_backend,
-                     {"max_rel_err_vs_torch_index": round(unperm_err, 6)}),
+                     {"max_rel_err_vs_torch_index": common.sig(unperm_err)}),
             "torch_index": (torch_index_unpermute, [(s["y_sorted"], *s["meta"], T) for s in sets],
                             torch_backend, {}),
         },

@@ -10,6 +10,7 @@ figure is a median; p20/p80 are kept so a noisy run shows as a wide band rather 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
@@ -110,6 +111,21 @@ def ours_op(name: str, device: torch.device) -> tuple[Callable, str]:
     return public, "torch twin (CPU path of the public op)"
 
 
+@contextlib.contextmanager
+def cpu_twin_path(device: torch.device):
+    """While benchmarking on CPU, make the public ops take their PyTorch-twin path even if TRITON_INTERPRET=1
+    is set (the test suite sets it): the kernels read the variable per call, and timing the interpreter
+    would measure Python. Restores the variable afterwards. No effect on CUDA."""
+    if device.type != "cpu" or not interpreter_on():
+        yield
+        return
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        yield
+    finally:
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -174,13 +190,18 @@ def rotation_count(bytes_per_set: int, device: torch.device, want: int = 4) -> i
     return max(1, min(want, int(0.25 * free // max(bytes_per_set, 1))))
 
 
+def sig(x: float, digits: int = 3) -> float:
+    """x rounded to `digits` significant digits (relative errors span 1e-8..1e-1)."""
+    return float(f"{x:.{digits}g}")
+
+
 def row(bench: str, case: dict[str, Any], provider: str, backend: str, timing: Timing | None,
         rate: float | None, unit: str, **extra: Any) -> dict[str, Any]:
     """One result record: the case, who ran it, how long, and its rate (TFLOP/s or GB/s)."""
     r = {"bench": bench, **case, "provider": provider, "backend": backend, "unit": unit,
-         "rate": None if rate is None else round(rate, 4)}
+         "rate": None if rate is None else sig(rate, 4)}
     if timing is not None:
-        r.update({k: round(v, 5) if isinstance(v, float) else v for k, v in asdict(timing).items()})
+        r.update({k: sig(v, 4) if isinstance(v, float) else v for k, v in asdict(timing).items()})
     r.update(extra)
     return r
 
@@ -206,15 +227,16 @@ def add_ratios(rows: list[dict[str, Any]], case_keys: Sequence[str], ours: str, 
 
 
 def format_table(rows: list[dict[str, Any]], case_keys: Sequence[str], providers: Sequence[str],
-                 title: str) -> str:
-    """One line per case: the case fields, each provider's rate, then ours' ratios."""
+                 title: str, ratio_keys: Sequence[str] = ("vs_best_peer", "of_ceiling")) -> str:
+    """One line per case: the case fields, each provider's rate, then ours' ratios (`ratio_keys`; keys
+    starting with "of_" print as percentages, the rest as multiples)."""
     if not rows:
         return f"{title}\n  (no results)"
     unit = rows[0]["unit"]
     by_case: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         by_case.setdefault(tuple(r.get(k) for k in case_keys), {})[r["provider"]] = r
-    head = list(case_keys) + [f"{p} {unit}" for p in providers] + ["vs_best_peer", "of_ceiling"]
+    head = list(case_keys) + [f"{p} {unit}" for p in providers] + list(ratio_keys)
     body = []
     for key, provs in by_case.items():
         cells = [str(v) for v in key]
@@ -222,8 +244,8 @@ def format_table(rows: list[dict[str, Any]], case_keys: Sequence[str], providers
             rate = provs.get(p, {}).get("rate")
             cells.append("-" if rate is None else f"{rate:.3g}")
         mine = provs.get(providers[0], {})
-        cells += [f"{mine['vs_best_peer']:.2f}x" if "vs_best_peer" in mine else "-",
-                  f"{mine['of_ceiling']:.0%}" if "of_ceiling" in mine else "-"]
+        cells += ["-" if k not in mine else f"{mine[k]:.0%}" if k.startswith("of_") else f"{mine[k]:.2f}x"
+                  for k in ratio_keys]
         body.append(cells)
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:>{w}}}" for w in widths)

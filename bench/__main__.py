@@ -1,0 +1,172 @@
+"""python -m bench [--quick] [--out FILE] [--only gemm,permute,moe] [--device DEV] | --compile-report
+
+Runs the grouped-GEMM, permute and MoE-layer benchmarks on whatever device exists (CUDA if present, else
+CPU with small shapes), writes one JSON file (device name, torch/triton versions, date, every figure) and
+prints the tables last. --quick is the CI-sized run.
+
+--compile-report compiles every grouped-GEMM tile config for sm_90a (no GPU needed) and prints registers
+per thread, spill bytes, local-memory instructions, HGMMA count and shared memory per config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import torch
+
+from . import bench_grouped_gemm, bench_moe, bench_permute, common
+
+BENCHES = {"gemm": bench_grouped_gemm, "permute": bench_permute, "moe": bench_moe}
+DEFAULT_OUT = "bench-results.json"
+CPU_CAVEAT = ("CPU run: 'ours' is the PyTorch twin of each kernel on this host's cores; these figures check "
+              "the harness and say nothing about GPU performance.")
+
+
+def _parse_only(spec: str | None) -> list[str]:
+    if spec is None:
+        return list(BENCHES)
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    bad = [n for n in names if n not in BENCHES]
+    if bad or not names:
+        raise ValueError(f"--only {spec!r}: expected a comma-separated subset of {sorted(BENCHES)}")
+    return names
+
+
+def run_benchmarks(device: torch.device, names: list[str], quick: bool, threads: int | None = None) -> dict[str, Any]:
+    """Run the named benchmarks; returns the JSON document (meta, results, skipped) plus rendered tables.
+
+    threads: CPU threads for torch during the run (restored afterwards). The quick run defaults to one:
+    on a shared 2-core CI machine, two OpenMP threads competing with other processes turned a 20 ms MoE
+    step into 0.1-6 s outliers, while one thread stayed within 2x of its best.
+    """
+    results: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    tables: list[str] = []
+    saved_threads = torch.get_num_threads()
+    if device.type == "cpu" and (threads or quick):
+        torch.set_num_threads(threads or 1)
+    try:
+        meta = {**common.device_info(device), "quick": quick, "benches": names,
+                "providers": {n: list(BENCHES[n].PROVIDERS) for n in names}}
+        with common.cpu_twin_path(device):
+            for name in names:
+                print(f"[bench] {name} on {device.type}{' (quick)' if quick else ''} ...", file=sys.stderr,
+                      flush=True)
+                mod = BENCHES[name]
+                rows, skip = mod.run(device, quick)
+                results += rows
+                skipped += skip
+                tables.append(mod.table(rows))
+    finally:
+        torch.set_num_threads(saved_threads)
+    if device.type == "cpu":
+        meta["caveat"] = CPU_CAVEAT
+    return {"meta": meta, "results": results, "skipped": skipped, "tables": tables}
+
+
+# --------------------------------------------------------------------------------- sm_90a compile report
+
+def gemm_sm90_jobs(num_groups: int = 256):
+    """One sm_90a compilation per grouped-GEMM tile config and pass, specialised as Triton's launcher would
+    for DeepSeek-V3 bf16 tensors: unit strides folded to constants, pointers and the dims/strides that are
+    multiples of 16 (N, K, row strides) marked 16-divisible, M left unaligned (it follows routing).
+    BLOCK_G is that of 256 groups, the most the size vector ever holds."""
+    from tritonmoe.kernels import grouped_gemm as gg
+    from tritonmoe.kernels._grouped_gemm_kernels import grouped_mm_kernel, grouped_mm_wgrad_kernel
+    from tritonmoe.kernels._sm90 import Sm90Job
+
+    block_g = 1 << (num_groups - 1).bit_length()
+    ptr = "*bf16"
+    jobs = []
+    # Forward: b = w [G,N,K] (stride_bk == 1). Input gradient: b = w.transpose(1,2) (stride_bn == 1).
+    for pas, unit_b in (("fwd", "stride_bk"), ("dgrad", "stride_bn")):
+        strided_b = "stride_bn" if unit_b == "stride_bk" else "stride_bk"
+        for c in gg.forward_configs():
+            sig = {"a_ptr": ptr, "b_ptr": ptr, "out_ptr": ptr, "group_sizes_ptr": "*i64",
+                   "M": "i32", "N": "i32", "K": "i32", "G": "i32", "stride_am": "i32", "stride_ak": "constexpr",
+                   "stride_bg": "i32", strided_b: "i32", unit_b: "constexpr", "stride_om": "i32",
+                   "stride_on": "constexpr"}
+            consts = {"stride_ak": 1, unit_b: 1, "stride_on": 1, "BLOCK_G": block_g, "BLOCK_M": c.block_m,
+                      "BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "SWIZZLE_M": gg.SWIZZLE_M, "UPCAST": False,
+                      "INPUT_PRECISION": "ieee"}
+            sig.update({k: "constexpr" for k in consts})
+            aligned = ("a_ptr", "b_ptr", "out_ptr", "group_sizes_ptr", "N", "K", "stride_am", "stride_bg",
+                       strided_b, "stride_om")
+            jobs.append((pas, c, Sm90Job(grouped_mm_kernel, sig, consts, aligned, c.num_warps, c.num_stages)))
+    for c in gg.wgrad_configs():
+        sig = {"dy_ptr": ptr, "x_ptr": ptr, "dw_ptr": ptr, "group_sizes_ptr": "*i64", "M": "i32", "N": "i32",
+               "K": "i32", "G": "i32", "stride_dym": "i32", "stride_dyn": "constexpr", "stride_xm": "i32",
+               "stride_xk": "constexpr", "stride_dwg": "i32", "stride_dwn": "i32", "stride_dwk": "constexpr"}
+        consts = {"stride_dyn": 1, "stride_xk": 1, "stride_dwk": 1, "BLOCK_G": block_g, "BLOCK_M": c.block_m,
+                  "BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "UPCAST": False, "INPUT_PRECISION": "ieee"}
+        sig.update({k: "constexpr" for k in consts})
+        aligned = ("dy_ptr", "x_ptr", "dw_ptr", "group_sizes_ptr", "N", "K", "stride_dym", "stride_xm",
+                   "stride_dwg", "stride_dwn")
+        jobs.append(("wgrad", c, Sm90Job(grouped_mm_wgrad_kernel, sig, consts, aligned, c.num_warps,
+                                         c.num_stages)))
+    return jobs
+
+
+def compile_report() -> list[dict[str, Any]]:
+    from tritonmoe.kernels._sm90 import SM90_SMEM_LIMIT, compile_sm90_all
+
+    jobs = gemm_sm90_jobs()
+    print(f"[bench] compiling {len(jobs)} grouped-GEMM configs for sm_90a ...", file=sys.stderr, flush=True)
+    reports = compile_sm90_all([j for _, _, j in jobs])
+    return [{"pass": pas, "block_m": c.block_m, "block_n": c.block_n, "block_k": c.block_k,
+             "num_warps": c.num_warps, "num_stages": c.num_stages, "registers": r.registers,
+             "spill_bytes": r.spill_bytes, "local_ops": r.local_ops, "hgmma": r.hgmma,
+             "shared_kib": round(r.shared_bytes / 1024, 1), "fits_smem": r.shared_bytes <= SM90_SMEM_LIMIT}
+            for (pas, c, _), r in zip(jobs, reports)]
+
+
+def compile_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown, so it can be pasted into bench/NOTES.md as printed."""
+    cols = ["pass", "block_m", "block_n", "block_k", "num_warps", "num_stages", "registers", "spill_bytes",
+            "local_ops", "hgmma", "shared_kib", "fits_smem"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="CI-sized run")
+    ap.add_argument("--out", default=None, help=f"JSON output file (default {DEFAULT_OUT})")
+    ap.add_argument("--only", default=None, help="comma-separated subset of " + ",".join(BENCHES))
+    ap.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU only: torch threads (default: torch's own; 1 with --quick)")
+    ap.add_argument("--compile-report", action="store_true",
+                    help="compile the grouped-GEMM configs for sm_90a and report registers/spills/HGMMA")
+    args = ap.parse_args(argv)
+
+    if args.compile_report:
+        rows = compile_report()
+        doc: dict[str, Any] = {"meta": {**common.device_info(torch.device("cpu")), "target": "sm_90a"},
+                               "compile_report": rows}
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(doc, f, indent=1)
+        print(compile_table(rows))
+        return doc
+
+    device = common.pick_device(args.device)
+    doc = run_benchmarks(device, _parse_only(args.only), args.quick, args.threads)
+    tables = doc.pop("tables")
+    out = args.out or DEFAULT_OUT
+    with open(out, "w") as f:
+        json.dump(doc, f, indent=1)
+    print(f"[bench] wrote {out}", file=sys.stderr)
+    header = f"device: {doc['meta']['device_name']} | torch {doc['meta']['torch']} | triton {doc['meta']['triton']}"
+    if device.type == "cpu":
+        header += "\n" + CPU_CAVEAT
+    print(header + "\n\n" + "\n\n".join(tables))
+    return doc
+
+
+if __name__ == "__main__":
+    main()
