@@ -20,7 +20,9 @@ expert during training forwards, into a non-persistent int64 buffer; ``update_ex
 optimizer step) all-reduces all layers' counts in ONE collective and moves each expert's
 ``e_score_correction_bias`` (a persistent fp32 buffer, never a parameter) by ``rate * sign(mean - count)``.
 Forwards under ``no_grad``, in eval mode, or re-run by activation checkpointing during backward are not
-counted, so each token is counted once per training forward.
+counted, so each token is counted once per training forward.  Reentrant checkpointing
+(``use_reentrant=True``) runs the first forward under ``no_grad`` and so is never counted: use the
+non-reentrant kind (``apply_activation_checkpointing``, torch's recommended default).
 """
 
 from __future__ import annotations
