@@ -38,9 +38,11 @@ def grouped_mm_kernel(
 ):
     # The grid is an upper bound on the m-tiles every group needs: sum_g cdiv(size_g, BLOCK_M) <=
     # cdiv(M, BLOCK_M) + G. Programs past the real tile count exit, so the host never reads the sizes.
+    # Integer division instead of tl.cdiv here and below: under the interpreter every call into a
+    # triton.language @jit helper re-patches the language module (~2 ms), once per program.
     pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_m = tl.cdiv(M, BLOCK_M) + G
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
+    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M + G
     pids_per_band = SWIZZLE_M * num_pid_n
     band = pid // pids_per_band
     first_pid_m = band * SWIZZLE_M
@@ -54,12 +56,13 @@ def grouped_mm_kernel(
     sizes = tl.load(group_sizes_ptr + offs_g, mask=offs_g < G, other=0).to(tl.int64)
     sizes = tl.maximum(sizes, 0)
     tiles = (sizes + BLOCK_M - 1) // BLOCK_M
-    tiles_end = tl.cumsum(tiles, 0)
-    g = tl.sum((tiles_end <= pid_m).to(tl.int32), 0)
+    # tiles_end is non-decreasing, so `before` is exactly offs_g < g; lanes past G hold the total and only
+    # join `before` when pid_m is past the last real tile, which makes g >= G and the program exits.
+    before = tl.cumsum(tiles, 0) <= pid_m
+    g = tl.sum(before.to(tl.int32), 0)
     if g < G:
-        before = offs_g < g
         row_start = tl.sum(tl.where(before, sizes, 0), 0)
-        row_end = row_start + tl.sum(tl.where(offs_g == g, sizes, 0), 0)
+        row_end = row_start + tl.maximum(tl.load(group_sizes_ptr + g).to(tl.int64), 0)
         tile_in_group = pid_m - tl.sum(tl.where(before, tiles, 0), 0)
         # int64 rows: row * stride reaches T*K*H = 9.4e8 at T=16384 for DeepSeek-V3 and passes 2^31 at
         # T >= 37,450; g * stride_bg passes it at G*N*K = 256*4096*7168 = 7.5e9.
@@ -108,8 +111,8 @@ def grouped_mm_wgrad_kernel(
 ):
     # Grid: G * n-tiles * k-tiles, group slowest, so programs running together share a group's rows in L2.
     pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_k = tl.cdiv(K, BLOCK_K)
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
+    num_pid_k = (K + BLOCK_K - 1) // BLOCK_K
     g = pid // (num_pid_n * num_pid_k)
     tile = pid % (num_pid_n * num_pid_k)
     pid_n = tile // num_pid_k
@@ -120,7 +123,7 @@ def grouped_mm_wgrad_kernel(
     sizes = tl.maximum(sizes, 0)
     row_start = tl.sum(tl.where(offs_g < g, sizes, 0), 0)
     # Clamped to M so that sizes overrunning M never read past the end of dy or x.
-    row_end = tl.minimum(row_start + tl.sum(tl.where(offs_g == g, sizes, 0), 0), M)
+    row_end = tl.minimum(row_start + tl.maximum(tl.load(group_sizes_ptr + g).to(tl.int64), 0), M)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)

@@ -84,6 +84,43 @@ def _pinned_config() -> GemmConfig | None:
     return cfg
 
 
+def sm90_compile_jobs(dtype: torch.dtype = torch.bfloat16) -> list:
+    """One ``_sm90.Sm90Job`` per (kernel, layout, config) this family can launch on Hopper: the forward
+    (b = w, K-major), the input gradient (b = w.transpose(1, 2), N-major) and the weight gradient, each over
+    its config list. Specialised like a launch with DeepSeek-V3 shapes: unit strides are constants, pointers,
+    N, K and the other strides are multiples of 16; M and G are left unaligned. For tests/test_sm90_compile.py
+    and the benchmarks' notes."""
+    from ._sm90 import Sm90Job
+
+    ty = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    meta = ("BLOCK_G", "BLOCK_M", "BLOCK_N", "BLOCK_K", "UPCAST", "INPUT_PRECISION")
+
+    def job(kernel, ptrs, ints, unit_strides, cfg, **extra):
+        sig = {p: f"*{ty}" for p in ptrs} | {"group_sizes_ptr": "*i64"} | {n: "i32" for n in ints}
+        sig |= {n: "constexpr" for n in (*unit_strides, *meta, *extra)}
+        consts = {n: 1 for n in unit_strides} | dict(BLOCK_G=256, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                                                      BLOCK_K=cfg.block_k, UPCAST=False,
+                                                      INPUT_PRECISION="tf32") | extra
+        # Order the signature like the kernel's arguments.
+        sig = {n: sig[n] for n in kernel.arg_names}
+        aligned = [n for n, t in sig.items() if t != "constexpr" and n not in ("M", "G")]
+        return Sm90Job(kernel, sig, consts, tuple(aligned), cfg.num_warps, cfg.num_stages)
+
+    strides = ("stride_am", "stride_ak", "stride_bg", "stride_bn", "stride_bk", "stride_om", "stride_on")
+    jobs = []
+    for layout, units in (("fwd", ("stride_ak", "stride_bk", "stride_on")),
+                          ("dgrad", ("stride_ak", "stride_bn", "stride_on"))):
+        for cfg in forward_configs():
+            ints = ["M", "N", "K", "G", *(s for s in strides if s not in units)]
+            jobs.append((layout, cfg, job(grouped_mm_kernel, ("a_ptr", "b_ptr", "out_ptr"), ints, units, cfg,
+                                          SWIZZLE_M=SWIZZLE_M)))
+    units = ("stride_dyn", "stride_xk", "stride_dwk")
+    for cfg in wgrad_configs():
+        ints = ["M", "N", "K", "G", "stride_dym", "stride_xm", "stride_dwg", "stride_dwn"]
+        jobs.append(("wgrad", cfg, job(grouped_mm_wgrad_kernel, ("dy_ptr", "x_ptr", "dw_ptr"), ints, units, cfg)))
+    return jobs
+
+
 # ----------------------------------------------------------------------------------------------- launchers
 
 def _interpreting(t: torch.Tensor) -> bool:
@@ -143,6 +180,7 @@ def _grouped_mm_launch(a: torch.Tensor, b: torch.Tensor, group_sizes: torch.Tens
         return out
     if K == 0:
         return out.zero_()
+    group_sizes = group_sizes.contiguous()  # G integers; the kernels read them as one vector
     grid = lambda meta: ((triton.cdiv(M, meta["BLOCK_M"]) + G) * triton.cdiv(N, meta["BLOCK_N"]),)
     _launch(grouped_mm_kernel, forward_configs(), grid,
             (a, b, out, group_sizes, M, N, K, G, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
@@ -164,6 +202,7 @@ def _grouped_mm_wgrad_launch(dy: torch.Tensor, x: torch.Tensor, group_sizes: tor
         return out
     if M == 0:
         return out.zero_()
+    group_sizes = group_sizes.contiguous()  # G integers; the kernels read them as one vector
     grid = lambda meta: (G * triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]),)
     _launch(grouped_mm_wgrad_kernel, wgrad_configs(), grid,
             (dy, x, out, group_sizes, M, N, K, G, dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),

@@ -1,0 +1,227 @@
+"""Grouped GEMM kernels (run through Triton's interpreter on CPU) against the PyTorch twin.
+
+Forward, input gradient and weight gradient are each checked by calling the launcher with a NaN-poisoned
+output, so rows a kernel forgets to write show up; the public autograd path is checked end to end.
+"""
+
+import importlib
+
+import pytest
+import torch
+
+from helpers import assert_close, poison_
+from tritonmoe.kernels import grouped_gemm, grouped_gemm_torch
+from tritonmoe.kernels.grouped_gemm import _grouped_mm_launch, _grouped_mm_wgrad_launch
+
+# The package re-exports the function under the module's name, so reach the module itself this way.
+gg_module = importlib.import_module("tritonmoe.kernels.grouped_gemm")
+
+# dtype with its tolerance (max relative, rms relative): fp32 products are exact up to summation order;
+# 16-bit outputs are rounded once from fp32 (the interpreter truncates fp32 -> bf16: up to 2^-8 relative).
+DTYPES = [
+    pytest.param(torch.float32, 1e-5, 3e-6, id="fp32"),
+    pytest.param(torch.float16, 2e-3, 5e-4, id="fp16"),
+    pytest.param(torch.bfloat16, 1.6e-2, 5e-3, id="bf16"),
+]
+
+# (group sizes, K, N); the interpreter's tiles are 32 x 32 x 32, so 45/50/37 are multiples of no block.
+SHAPES = [
+    pytest.param([37], 45, 50, id="G1"),  # one group, ragged in every dimension
+    pytest.param([0, 37, 5, 0, 70, 1, 0], 45, 50, id="G7-prime-empty-first-last"),  # prime G, empties at ends
+    pytest.param([0, 0, 91, 0, 0], 33, 20, id="all-rows-one-group"),  # one group holds every row; N < tile
+    pytest.param([32, 64, 1], 64, 32, id="block-multiples"),  # sizes and dims exactly on tile edges, plus one
+    pytest.param("G64", 40, 24, id="G64"),  # 64 groups, random sizes incl. zeros, more groups than m-tiles
+    pytest.param([0, 1], 17, 3, id="one-row"),  # M = 1, tiny N and K
+    pytest.param([0, 0, 0], 16, 16, id="M0"),  # no rows at all
+]
+
+
+def _sizes(spec) -> torch.Tensor:
+    if spec == "G64":
+        sizes = torch.randint(0, 7, (64,))
+        sizes[::5] = 0  # every fifth group empty
+        return sizes
+    return torch.tensor(spec, dtype=torch.int64)
+
+
+def _inputs(spec, K, N, dtype):
+    sizes = _sizes(spec)
+    M, G = int(sizes.sum()), len(sizes)
+    x = torch.randn(M, K).to(dtype)
+    w = (torch.randn(G, N, K) / K**0.5).to(dtype)
+    return x, w, sizes
+
+
+def _twin_grads(x, w, sizes, dy):
+    xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    y = grouped_gemm_torch(xr, wr, sizes)
+    y.backward(dy)
+    return y.detach(), xr.grad, wr.grad
+
+
+@pytest.mark.parametrize("dtype,tol,rms", DTYPES)
+@pytest.mark.parametrize("spec,K,N", SHAPES)
+def test_forward(spec, K, N, dtype, tol, rms):
+    x, w, sizes = _inputs(spec, K, N, dtype)
+    out = poison_(torch.empty(x.shape[0], N, dtype=dtype))
+    y = _grouped_mm_launch(x, w, sizes, out=out)
+    assert y is out
+    assert_close(y, grouped_gemm_torch(x, w, sizes), tol, rms, what="forward")
+
+
+@pytest.mark.parametrize("dtype,tol,rms", DTYPES)
+@pytest.mark.parametrize("spec,K,N", SHAPES)
+def test_input_grad(spec, K, N, dtype, tol, rms):
+    x, w, sizes = _inputs(spec, K, N, dtype)
+    dy = torch.randn(x.shape[0], N).to(dtype)
+    _, dx_ref, _ = _twin_grads(x, w, sizes, dy)
+    dx = poison_(torch.empty_like(x))
+    _grouped_mm_launch(dy, w.transpose(1, 2), sizes, out=dx)  # the backward's own call
+    assert_close(dx, dx_ref, tol, rms, what="dX")
+
+
+@pytest.mark.parametrize("dtype,tol,rms", DTYPES)
+@pytest.mark.parametrize("spec,K,N", SHAPES)
+def test_weight_grad(spec, K, N, dtype, tol, rms):
+    x, w, sizes = _inputs(spec, K, N, dtype)
+    dy = torch.randn(x.shape[0], N).to(dtype)
+    _, _, dw_ref = _twin_grads(x, w, sizes, dy)
+    dw = poison_(torch.empty_like(w))
+    _grouped_mm_wgrad_launch(dy, x, sizes, len(sizes), out=dw)
+    assert_close(dw, dw_ref, tol, rms, what="dW")
+    empty = sizes == 0
+    if empty.any():
+        assert torch.equal(dw[empty], torch.zeros_like(dw[empty])), "empty groups must get exact zero dW"
+
+
+@pytest.mark.parametrize("dtype,tol,rms", DTYPES)
+@pytest.mark.parametrize("spec,K,N", [SHAPES[1], SHAPES[6]])  # the wiring: ragged with empties, and M = 0
+def test_autograd_matches_twin(spec, K, N, dtype, tol, rms):
+    x, w, sizes = _inputs(spec, K, N, dtype)
+    dy = torch.randn(x.shape[0], N).to(dtype)
+    y_ref, dx_ref, dw_ref = _twin_grads(x, w, sizes, dy)
+    xk, wk = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = grouped_gemm(xk, wk, sizes)
+    y.backward(dy)
+    assert y.dtype == dtype
+    assert_close(y, y_ref, tol, rms, what="forward")
+    assert_close(xk.grad, dx_ref, tol, rms, what="dX")
+    assert_close(wk.grad, dw_ref, tol, rms, what="dW")
+    assert torch.equal(wk.grad[sizes == 0], torch.zeros_like(wk.grad[sizes == 0]))
+
+
+def test_non_contiguous_inputs():
+    # x: every other column of a wider tensor; w: stored [G, K, N] and viewed as [G, N, K]; sizes: a strided
+    # int32 view. All reach the kernels as strides, no copies.
+    sizes = torch.tensor([5, 0, 40, 12, 0, 3], dtype=torch.int32)
+    M, G, K, N = int(sizes.sum()), 6, 36, 44
+    x_wide = torch.randn(M, 2 * K)
+    x = x_wide[:, ::2]
+    w = torch.randn(G, K, N).transpose(1, 2)
+    sizes_view = torch.stack([sizes, sizes], dim=1)[:, 0]
+    assert not x.is_contiguous() and not w.is_contiguous() and not sizes_view.is_contiguous()
+    dy = torch.randn(N, M).t()  # the incoming gradient can be strided too
+    y_ref, dx_ref, dw_ref = _twin_grads(x.contiguous(), w.contiguous(), sizes, dy.contiguous())
+    xk, wk = x_wide.clone().requires_grad_(), w.detach().requires_grad_()
+    y = grouped_gemm(xk[:, ::2], wk, sizes_view)
+    y.backward(dy)
+    assert_close(y, y_ref, 1e-5, what="forward")
+    assert_close(xk.grad[:, ::2], dx_ref, 1e-5, what="dX")
+    assert torch.equal(xk.grad[:, 1::2], torch.zeros(M, K))
+    assert_close(wk.grad, dw_ref, 1e-5, what="dW")
+
+
+@pytest.mark.parametrize("config", [
+    "16,64,16,4,1",  # 16-row tiles: several m-tiles per group and swizzle bands that straddle groups
+    "64,16,64,4,1",  # one m-tile can hold several small groups' rows (masked to its own group)
+])
+def test_pinned_config(monkeypatch, config):
+    monkeypatch.setenv(gg_module.CONFIG_ENV, config)
+    sizes = torch.tensor([3, 0, 50, 17, 0, 1, 29])
+    x, w = torch.randn(int(sizes.sum()), 40), torch.randn(7, 33, 40)
+    dy = torch.randn(x.shape[0], 33)
+    y_ref, dx_ref, dw_ref = _twin_grads(x, w, sizes, dy)
+    assert_close(_grouped_mm_launch(x, w, sizes, out=poison_(torch.empty_like(y_ref))), y_ref, 1e-5)
+    assert_close(_grouped_mm_launch(dy, w.transpose(1, 2), sizes, out=poison_(torch.empty_like(x))), dx_ref, 1e-5)
+    assert_close(_grouped_mm_wgrad_launch(dy, x, sizes, 7, out=poison_(torch.empty_like(w))), dw_ref, 1e-5)
+
+
+@pytest.mark.parametrize("config", ["128,128", "a,b,c,d,e", "48,64,64,4,3"])
+def test_bad_pinned_config(monkeypatch, config):
+    monkeypatch.setenv(gg_module.CONFIG_ENV, config)
+    with pytest.raises(ValueError, match=gg_module.CONFIG_ENV):
+        grouped_gemm(torch.randn(4, 16), torch.randn(1, 16, 16), torch.tensor([4]))
+
+
+@pytest.mark.parametrize("sizes", [
+    [10, 20, 30],  # sums to 60 > M = 20: the kernels must mask rows >= M
+    [30, -10, 0],  # negative size: clamped in-kernel, can never move a pointer backwards
+])
+def test_bad_sizes_never_write_out_of_bounds(sizes):
+    # The public op rejects these (ValueError on CPU, async assert on CUDA) before launching; this drives the
+    # launchers directly to show that even then nothing past row M is touched.
+    sizes = torch.tensor(sizes)
+    M, K, N = 20, 32, 32
+    x, w = torch.randn(M, K), torch.randn(3, N, K)
+    y_buf = poison_(torch.empty(M + 8, N))
+    _grouped_mm_launch(x, w, sizes, out=y_buf[:M])
+    assert torch.isnan(y_buf[M:]).all(), "rows past M were written"
+    dw = _grouped_mm_wgrad_launch(torch.randn(M, N), x, sizes, 3)
+    assert torch.isfinite(dw).all()
+
+
+def test_backend_choice(monkeypatch):
+    # CPU + TRITON_INTERPRET=1 runs the Triton kernels; CPU without it runs the twin.
+    calls = []
+    twin = gg_module.grouped_gemm_torch
+    monkeypatch.setattr(gg_module, "grouped_gemm_torch", lambda *a: calls.append(1) or twin(*a))
+    x, w, sizes = torch.randn(9, 16), torch.randn(2, 8, 16), torch.tensor([4, 5])
+    gg_module.grouped_gemm(x, w, sizes)
+    assert calls == []
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    y = gg_module.grouped_gemm(x, w, sizes)
+    assert calls == [1]
+    assert_close(y, twin(x, w, sizes), 1e-6)
+
+
+def test_torch_library_registration():
+    # Schema, fake (meta) kernel and autograd registration as torch.compile would use them.
+    x, w, sizes = torch.randn(11, 16), torch.randn(3, 8, 16, requires_grad=True), torch.tensor([6, 0, 5])
+    torch.library.opcheck(gg_module._grouped_mm_op, (x.requires_grad_(), w, sizes),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+_X, _W, _S = torch.randn(6, 8), torch.randn(2, 4, 8), torch.tensor([2, 4])
+BAD_INPUTS = [
+    pytest.param(_X[0], _W, _S, r"x must be \[M, K\], got shape \(8,\)", id="x-1d"),
+    pytest.param(_X, _W[0], _S, r"w must be \[G, N, K\], got shape \(4, 8\)", id="w-2d"),
+    pytest.param(_X, _W, _S[None], r"group_sizes must be \[G\], got shape \(1, 2\)", id="sizes-2d"),
+    pytest.param(_X, torch.randn(2, 4, 7), _S, r"w.shape\[2\]=7 != x.shape\[1\]=8", id="K-mismatch"),
+    pytest.param(_X, _W, torch.tensor([2, 4, 0]), r"len\(group_sizes\)=3 != w.shape\[0\]=2", id="G-mismatch"),
+    pytest.param(_X.double(), _W.double(), _S, r"x.dtype=torch.float64 unsupported", id="float64"),
+    pytest.param(_X.to(torch.int32), _W, _S, r"x.dtype=torch.int32 unsupported", id="int-x"),
+    pytest.param(_X.bfloat16(), _W, _S, r"w.dtype=torch.float32 != x.dtype=torch.bfloat16", id="mixed-dtype"),
+    pytest.param(_X, _W, _S.float(), r"group_sizes.dtype=torch.float32 must be an integer", id="float-sizes"),
+    pytest.param(_X, _W, torch.tensor([True, False]), r"group_sizes.dtype=torch.bool", id="bool-sizes"),
+    pytest.param(_X, _W.to("meta"), _S, r"different devices: x on cpu, w on meta", id="devices"),
+    pytest.param(_X, _W, torch.tensor([7, -1]), r"negative group sizes \[-1\]", id="negative"),
+    pytest.param(_X, _W, torch.tensor([2, 5]), r"sum to 7, but x has M=6 rows", id="sum-too-big"),
+    pytest.param(_X, _W, torch.tensor([2, 3]), r"sum to 5, but x has M=6 rows", id="sum-too-small"),
+]
+
+
+@pytest.mark.parametrize("x,w,sizes,msg", BAD_INPUTS)
+@pytest.mark.parametrize("interpret", ["1", "0"], ids=["kernel", "twin"])
+def test_value_errors(monkeypatch, interpret, x, w, sizes, msg):
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    with pytest.raises(ValueError, match=msg):
+        grouped_gemm(x, w, sizes)
+
+
+def test_twin_empty_and_zero_rows():
+    # The twin is the CPU training path: M = 0 and empty groups keep shapes and give zero weight grads.
+    w = torch.randn(3, 5, 4, requires_grad=True)
+    y = grouped_gemm_torch(torch.randn(0, 4), w, torch.tensor([0, 0, 0]))
+    assert y.shape == (0, 5)
+    y.sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w))
