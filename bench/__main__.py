@@ -11,6 +11,7 @@ per thread, spill bytes, local-memory instructions, HGMMA count and shared memor
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from typing import Any
@@ -74,7 +75,7 @@ def gemm_sm90_jobs(num_groups: int = 256):
     for DeepSeek-V3 bf16 tensors: unit strides folded to constants, pointers and the dims/strides that are
     multiples of 16 (N, K, row strides) marked 16-divisible, M left unaligned (it follows routing).
     BLOCK_G is that of 256 groups, the most the size vector ever holds."""
-    from tritonmoe.kernels import grouped_gemm as gg
+    gg = importlib.import_module("tritonmoe.kernels.grouped_gemm")  # the module; the package attribute is the op
     from tritonmoe.kernels._grouped_gemm_kernels import grouped_mm_kernel, grouped_mm_wgrad_kernel
     from tritonmoe.kernels._sm90 import Sm90Job
 

@@ -1,0 +1,136 @@
+"""Benchmarks in CI: pytest-benchmark entries for the CPU paths at tiny shapes (run once as plain tests under
+--benchmark-disable, timed with `pytest tests/test_bench.py --benchmark-enable`), each checked against an
+independent formula, plus a smoke test that `python -m bench --quick` writes the JSON the issue asks for."""
+
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` lives at the repo root, not in the package
+
+from bench import __main__ as bench_main  # noqa: E402
+from bench import bench_grouped_gemm, bench_moe, bench_permute, common  # noqa: E402
+from helpers import assert_close  # noqa: E402
+
+from tritonmoe.kernels import grouped_gemm_torch, permute_torch, unpermute_torch  # noqa: E402
+
+
+def test_grouped_gemm_twin(benchmark):
+    # Zipf sizes with an empty group: the case the loop and the twin must both get right.
+    sizes = bench_grouped_gemm.group_sizes_for(8, 16, "zipf")
+    assert 0 in sizes
+    x, w = torch.randn(sum(sizes), 48), torch.randn(8, 40, 48)
+    bounds = [(sum(sizes[:g]), sum(sizes[:g + 1])) for g in range(8)]
+    y = benchmark(grouped_gemm_torch, x, w, torch.tensor(sizes))
+    assert_close(y, bench_grouped_gemm._loop_fwd(x, w, bounds), 1e-5, what="grouped_gemm twin vs loop")
+
+
+def test_permute_twin(benchmark):
+    x = torch.randn(37, 24)  # T not a multiple of anything
+    topk_idx, _ = bench_permute.random_routing(37, 4, 11, torch.device("cpu"))
+    out = benchmark(permute_torch, x, topk_idx, 11)
+    ref = bench_permute.torch_index_permute(x, topk_idx, 11)
+    assert torch.equal(out[0], ref[0])
+    assert torch.equal(out[1].long(), ref[1]) and torch.equal(out[2].long(), ref[2])
+
+
+def test_unpermute_twin(benchmark):
+    topk_idx, topk_w = bench_permute.random_routing(37, 4, 11, torch.device("cpu"))
+    _, _, row_map = bench_permute.torch_index_permute(torch.randn(37, 24), topk_idx, 11)
+    y_sorted = torch.randn(37 * 4, 24)
+    y = benchmark(unpermute_torch, y_sorted, row_map, topk_w)
+    ref = bench_permute.torch_index_unpermute(y_sorted, *bench_permute.combine_metadata(row_map, topk_w,
+                                                                                        torch.float32), 37)
+    assert_close(y, ref, 1e-5, what="unpermute twin vs index_add_")
+
+
+def test_moe_forward(benchmark):
+    # E=8 in 4 groups, 2 kept, top-4: group-limited routing is exercised, not a no-op.
+    s = bench_moe.LayerShape(H=32, I=16, E=8, K=4, n_group=4, topk_group=2)
+    layers, errors = bench_moe.build_layers(s, torch.device("cpu"), torch.float32)
+    assert not errors, errors
+    x = torch.randn(2, 9, s.H)
+    with common.cpu_twin_path(torch.device("cpu")), torch.no_grad():
+        y = benchmark(layers["ours"], x)
+        ref = layers["hf_eager"](x)
+    assert_close(y, ref, 1e-5, what="tritonmoe MoE vs transformers eager")
+
+
+def test_group_sizes_distributions():
+    assert bench_grouped_gemm.group_sizes_for(32, 100, "balanced") == [100] * 32
+    z = bench_grouped_gemm.group_sizes_for(32, 100, "zipf")
+    assert sum(z) == 3200 and z.count(0) == 4 and max(z) > 4 * 100  # skewed, 1/8 of groups empty
+    with pytest.raises(ValueError, match="uniform"):
+        bench_grouped_gemm.group_sizes_for(4, 10, "uniform")
+
+
+def test_ratios_against_best_peer_and_ceiling():
+    rows = [common.row("b", {"n": 1}, p, "x", None, r, "u") for p, r in
+            (("ours", 6.0), ("a", 4.0), ("b", 3.0), ("c", 12.0), ("d", None))]
+    common.add_ratios(rows, ["n"], "ours", ["a", "b", "d"], "c")
+    assert rows[0]["vs_best_peer"] == 1.5 and rows[0]["best_peer"] == "a" and rows[0]["of_ceiling"] == 0.5
+
+
+def test_only_rejects_unknown_benchmark():
+    with pytest.raises(ValueError, match="gemmm"):
+        bench_main._parse_only("gemm,gemmm")
+
+
+def test_quick_run_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    threads, interp = torch.get_num_threads(), os.environ.get("TRITON_INTERPRET")
+    bench_main.main(["--quick", "--out", str(out)])
+    # The run must leave the process as it found it (the suite runs the interpreter; CI sets threads).
+    assert torch.get_num_threads() == threads and os.environ.get("TRITON_INTERPRET") == interp
+    doc = json.loads(out.read_text())
+    meta = doc["meta"]
+    for key in ("device_name", "torch", "triton", "date_utc", "device_type"):
+        assert meta[key], key
+    assert meta["providers"] == {"gemm": ["ours", "grouped_mm", "loop", "dense"],
+                                 "permute": ["ours", "torch_index", "copy"],
+                                 "moe": ["ours", "hf_grouped", "titan", "hf_eager"]}
+    rows = doc["results"]
+    for bench, providers in meta["providers"].items():
+        mine = [r for r in rows if r["bench"] == {"gemm": "grouped_gemm"}.get(bench, bench)]
+        assert {r["provider"] for r in mine} == set(providers), bench
+        # Every provider ran (torch._grouped_mm runs on CPU in torch >= 2.9) and has a positive median.
+        assert all(r["rate"] and r["rate"] > 0 and r["median_ms"] > 0 and "error" not in r for r in mine), bench
+        assert all("vs_best_peer" in r for r in mine if r["provider"] == "ours"), bench
+    gemm = [r for r in rows if r["bench"] == "grouped_gemm"]
+    assert {r["pass"] for r in gemm} == {"fwd", "dgrad", "wgrad"} and {r["dist"] for r in gemm} == {"balanced", "zipf"}
+    assert all(r["max_rel_err_vs_loop"] < 1e-4 for r in gemm if r["provider"] in ("ours", "grouped_mm"))
+    assert all(r["matches_torch_index"] for r in rows if r["bench"] == "permute" and r["op"] == "permute"
+               and r["provider"] == "ours")
+    assert all(r["max_rel_err_y"] < 1e-4 for r in rows if r["bench"] == "moe")
+    printed = capsys.readouterr().out
+    assert printed.rstrip().splitlines()[-1].split()[0] == str(rows[-1]["T"])  # the table comes last
+
+
+@pytest.mark.parametrize("overrides", [
+    {},  # the tiny preset: q LoRA, one dense layer, MTP
+    {"q_lora_rank": None, "n_shared_experts": 2, "first_k_dense_replace": 2},  # plain q_proj (V2-Lite style)
+])
+def test_scale_closed_form_param_count_matches_meta_model(overrides):
+    from bench import scale
+    from tritonmoe.dsv3 import DeepseekV3Config
+
+    c = dataclasses.asdict(DeepseekV3Config.from_hf("tiny", **overrides))
+    assert scale.meta_params(c) == scale.analytic_params(c)
+
+
+def test_scale_memory_shards_with_gpus_and_a2a_grows_with_ep():
+    from bench import scale
+
+    c = scale.config_671b()
+    p = scale.analytic_params(c)
+    a, b = (scale.estimate(scale.Layout(n, 8), c, p, 4096, 4096, 2**26, "deepep") for n in (64, 128))
+    assert b["params_gb"] == pytest.approx(a["params_gb"] / 2, rel=1e-3)
+    ep8, ep64 = (scale.estimate(scale.Layout(512, ep), c, p, 4096, 4096, 2**26, "deepep") for ep in (8, 64))
+    assert ep8["a2a_gb_per_layer"] < ep64["a2a_gb_per_layer"]  # more peers off the rank, more rows sent
+    # EP <= 8 stays on NVLink: 4 exchanges of T*K*H bf16 rows, 7/8 of them off-rank.
+    assert ep8["a2a_gb_per_layer"] == pytest.approx(4 * 4096 * 8 * 7168 * 2 * 7 / 8 / 1e9, rel=1e-3)
