@@ -81,6 +81,7 @@ def test_layouts_and_resume_match_world_1(straight, tmp_path):
     assert sorted(ref) == list(range(1, 21))
     ckpt10 = Path(straight["out"])
     runs = [COMMON + ["--steps", "10", "--ep", str(ep), "--out", str(tmp_path / f"ep{ep}")] for ep in (1, 2, 4)]
+    runs[1].append("--ac")  # activation checkpointing recomputes exactly: same losses, composes with FSDP + EP
     # Resume world 1's step-10 checkpoint on 4 ranks with ep 2: another world size and EP degree.
     _copy_run_until(ckpt10, tmp_path / "resume_ep2", 10)
     runs.append(COMMON + ["--steps", "20", "--ep", "2", "--resume", "--out", str(tmp_path / "resume_ep2")])
@@ -199,3 +200,36 @@ def test_torchrun_cli(tmp_path):
                           "--out", str(tmp_path / "b")], env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "error: unknown --preset 'nope'" in bad.stderr, bad.stderr[-2000:]
     assert not (tmp_path / "b").exists()
+
+
+def test_data_sources_and_batch_layout(tmp_path):
+    """Step s's global batch depends on (seed, s) only: the DP ranks' shares concatenate to the world-1 batch.
+    Token files are memory-mapped; folders are read in sorted order with a held-out file split."""
+    import numpy as np
+
+    from tritonmoe.dsv3.data import batch, load_corpus
+
+    tokens = (np.arange(5000) * 7919 % 50000).astype(np.uint16)
+    tokens.tofile(tmp_path / "tokens.u16")
+    c = load_corpus(tmp_path / "tokens.u16", "uint16")
+    assert isinstance(c.train, np.memmap) and c.train.size + c.val.size == 5000
+    assert c.vocab_size == int(tokens.max()) + 1
+    whole = batch(c.train, 3, 5, 8, 16)
+    assert whole.shape == (8, 16) and whole.dtype == torch.int64
+    for world in (2, 4):
+        shares = [batch(c.train, 3, 5, 8, 16, r, world) for r in range(world)]
+        assert torch.equal(torch.cat(shares), whole)
+    assert not torch.equal(batch(c.train, 3, 6, 8, 16), whole)
+    with pytest.raises(ValueError, match="not divisible by the 3 data-parallel ranks"):
+        batch(c.train, 3, 5, 8, 16, 0, 3)
+
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i in range(25):
+        (folder / f"{i:02d}.txt").write_text(f"document {i} " * 20)
+    c = load_corpus(folder)
+    assert c.vocab_size == 256 and b"document 19 " in c.val.tobytes() and b"document 19 " not in c.train.tobytes()
+    with pytest.raises(ValueError, match="no such file"):
+        load_corpus(tmp_path / "absent")
+    with pytest.raises(ValueError, match="uint16 or uint32"):
+        load_corpus(tmp_path / "tokens.u16", "int8")
