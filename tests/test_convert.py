@@ -95,14 +95,16 @@ def test_fp8_source_dequantized_into_dcp_and_back(tmp_path, hf_mtp):
         convert.hf2dcp(tmp_path / "fp8", tmp_path / "dcp2", torch.float32, log=_quiet)
 
 
-def test_errors_name_the_key_and_pickles_are_refused(tmp_path, hf_mtp, capsys):
+def test_errors_name_the_key_and_pickles_are_refused(tmp_path, hf_mtp):
     path, _ = hf_mtp
     src = _read_all(path)
     config = json.loads((path / ck.CONFIG_FILE).read_text())
     (tmp_path / "bin").mkdir()
     torch.save({}, tmp_path / "bin" / "pytorch_model.bin")
-    assert convert.main(["hf2dcp", "--input", str(tmp_path / "bin"), "--output", str(tmp_path / "o")]) == 2
-    assert "execute arbitrary code" in capsys.readouterr().err
+    # Through the real module entry point, as a user runs it.
+    run = subprocess.run([sys.executable, "-m", "tritonmoe.dsv3.convert", "hf2dcp", "--input", str(tmp_path / "bin"),
+                          "--output", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "execute arbitrary code" in run.stderr, run.stderr
 
     missing = {k: v for k, v in src.items() if k != "model.layers.3.hnorm.weight"}
     make_hf_checkpoint(tmp_path / "missing", missing, config)
@@ -119,6 +121,18 @@ def test_errors_name_the_key_and_pickles_are_refused(tmp_path, hf_mtp, capsys):
     with pytest.raises(ValueError, match=r"shard model-00003-of-00003\.safetensors .*missing"):
         convert.hf2dcp(tmp_path / "gone", tmp_path / "o", log=_quiet)
     assert not (tmp_path / "o").exists()
+
+
+def test_transformers_saved_checkpoint_without_mtp_layers(tmp_path, hf_tiny):
+    path, _ = hf_tiny  # config.json says num_nextn_predict_layers=1, transformers wrote no MTP layer
+    lines = []
+    convert.hf2dcp(path, tmp_path / "dcp", torch.float32, log=lines.append)
+    assert "converting without MTP" in lines[0]
+    assert json.loads((tmp_path / "dcp" / ck.CONFIG_FILE).read_text())["num_nextn_predict_layers"] == 0
+    assert not any(k.startswith("model.mtp.") for k in load_dcp(tmp_path / "dcp"))
+    convert.dcp2hf(tmp_path / "dcp", tmp_path / "hf", log=_quiet)
+    src, back = _read_all(path), _read_all(tmp_path / "hf")
+    assert back.keys() == src.keys() and all(torch.equal(back[k], src[k]) for k in src)
 
 
 def test_interrupted_conversion_resumes(tmp_path, hf_bf16, monkeypatch):
