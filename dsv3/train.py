@@ -31,9 +31,8 @@ import torch
 import torch.distributed as dist
 
 from ..parallel import (CheckpointError, apply_expert_parallel, apply_fsdp,
-                        build_meshes, check_ep_degree, clip_grad_norm_, latest_checkpoint, load_checkpoint,
+                        build_meshes, check_ep_degree, clip_grad_norm_, latest_checkpoint, load_checkpoint, local_device,
                         save_checkpoint)
-from ..parallel.checkpoint import checkpoint_dir
 from .config import PRESETS, DeepseekV3Config
 from .data import batch, load_corpus
 from .moe import update_expert_bias
@@ -142,7 +141,7 @@ def _build_model(cfg: DeepseekV3Config, seed: int, ep: int, device: torch.device
         apply_expert_parallel(model, meshes.expert)
     apply_fsdp(model, meshes.dense, meshes.expert,
                param_dtype=torch.bfloat16 if device.type == "cuda" else None)
-    return model, meshes
+    return model
 
 
 def _make_optimizer(model, args) -> torch.optim.Optimizer:
@@ -181,7 +180,7 @@ def _memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _prepare_out(out: Path, resume: bool, rank: int) -> Path | None:
+def _prepare_out(out: Path, resume: bool) -> Path | None:
     """The checkpoint to resume from (None for a fresh run); refuses to overwrite an existing run."""
     ckpt = latest_checkpoint(out)
     if resume:
@@ -218,14 +217,18 @@ def main(argv: list[str] | None = None, on_step=None) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     ep = _check_args(args, cfg, world)
     out = Path(args.out or f"runs/{Path(args.preset).stem}")
-    resume_from = _prepare_out(out, args.resume, rank)
+    resume_from = _prepare_out(out, args.resume)
     corpus = load_corpus(args.data, args.data_dtype)
+    for name, part in (("training", corpus.train), ("validation", corpus.val if args.val_every else None)):
+        if part is not None and part.size < args.seq_len:
+            raise ValueError(f"the {name} split of {corpus.description.split(':')[0]} holds {part.size} tokens, "
+                             f"fewer than one sequence (--seq-len {args.seq_len})")
     if corpus.vocab_size > cfg.vocab_size:
         raise ValueError(f"data has token ids up to {corpus.vocab_size - 1} but the model's vocab_size is "
                          f"{cfg.vocab_size}")
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    device = local_device()
 
-    model, meshes = _build_model(cfg, args.seed, ep, device)
+    model = _build_model(cfg, args.seed, ep, device)
     optimizer = _make_optimizer(model, args)
     start = 1
     metrics_path = out / "metrics.jsonl"
@@ -242,10 +245,11 @@ def main(argv: list[str] | None = None, on_step=None) -> dict:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         n_params = sum(p.numel() for p in model.parameters())
+        resumed = f" (resumed from {resume_from.name})" if resume_from else ""
         print(f"tritonmoe train: preset {args.preset}, {n_params / 1e6:.2f}M params, world {world} "
               f"({dist.get_backend()}), ep {ep} x edp {world // ep}, global batch {args.batch_size} x "
-              f"{args.seq_len}, steps {start}..{args.steps}{' (resumed from ' + resume_from.name + ')' if resume_from else ''}"
-              f"\n  data: {corpus.description}\n  out: {out}", flush=True)
+              f"{args.seq_len}, steps {start}..{args.steps}{resumed}\n  data: {corpus.description}\n  out: {out}",
+              flush=True)
 
     losses, val_loss, last_ckpt = {}, None, resume_from
     tokens_per_step = args.batch_size * args.seq_len
