@@ -321,7 +321,9 @@ def grouped_gemm_torch(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tens
     Products are taken in fp32 and rounded once to x.dtype, like the kernels.
     """
     sizes = group_sizes.tolist()
-    outs = [torch.mm(xg.float(), w[g].float().t()) for g, xg in enumerate(torch.split(x, sizes))]
+    # unbind rather than w[g]: the backward of G selects builds G zero tensors of w's full size and adds
+    # them (forward + backward 1.4x slower at G=16, M=4096 on one CPU thread); unbind's backward is one stack.
+    outs = [torch.mm(xg.float(), wg.float().t()) for xg, wg in zip(torch.split(x, sizes), w.unbind(0))]
     if not outs:
         return x.new_empty(x.shape[0], w.shape[1])
     return torch.cat(outs).to(x.dtype)
