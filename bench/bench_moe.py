@@ -18,9 +18,7 @@ the layer. Rate: tokens/s = T / median time. Run as a script for a table: python
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,31 +108,33 @@ class TorchGroupedMMMoE(nn.Module):
 
 def build_layers(s: LayerShape, device: torch.device, dtype: torch.dtype) -> tuple[dict[str, nn.Module], dict]:
     """The four layers with identical weights (random, std 0.02 like the model's init; router bias random
-    and exactly representable in bf16 so a bf16 copy routes the same as the fp32 one)."""
-    ref = hf_layer(s, "eager")
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.normal_(0.0, 0.02)
-        ref.gate.e_score_correction_bias.copy_((torch.randn(s.E) * 1e-2).bfloat16().float())
-    layers: dict[str, nn.Module] = {"hf_eager": ref}
-    grouped = hf_layer(s, "grouped_mm")
-    grouped.load_state_dict(ref.state_dict())
-    layers["hf_grouped"] = grouped
-    layers["titan"] = TorchGroupedMMMoE(ref)
-    errors = {}
-    try:
-        from tritonmoe.dsv3 import DeepseekV3Config, MoE
+    and exactly representable in bf16 so a bf16 copy routes the same as the fp32 one). Built on `device`
+    one at a time and cast at once, so only one fp32 copy (11 GB at the CUDA shape) exists at a time."""
+    with torch.device(device):
+        ref = hf_layer(s, "eager")
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.normal_(0.0, 0.02)
+            ref.gate.e_score_correction_bias.copy_((torch.randn(s.E) * 1e-2).bfloat16().float())
+        ref.to(dtype)
+        layers: dict[str, nn.Module] = {"hf_eager": ref}
+        layers["hf_grouped"] = hf_layer(s, "grouped_mm").to(dtype)
+        layers["hf_grouped"].load_state_dict(ref.state_dict())
+        layers["titan"] = TorchGroupedMMMoE(ref)
+        errors = {}
+        try:
+            from tritonmoe.dsv3 import DeepseekV3Config, MoE
 
-        cfg = DeepseekV3Config(hidden_size=s.H, moe_intermediate_size=s.I, n_routed_experts=s.E,
-                               num_experts_per_tok=s.K, n_group=s.n_group, topk_group=s.topk_group,
-                               n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True)
-        ours = MoE(cfg)
-        ours.load_state_dict(ref.state_dict())  # same names as transformers' in-memory layout (DESIGN.md)
-        layers = {"ours": ours, **layers}
-    except ImportError as e:
-        errors["ours"] = f"tritonmoe.dsv3.MoE unavailable: {e}"
+            cfg = DeepseekV3Config(hidden_size=s.H, moe_intermediate_size=s.I, n_routed_experts=s.E,
+                                   num_experts_per_tok=s.K, n_group=s.n_group, topk_group=s.topk_group,
+                                   n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True)
+            ours = MoE(cfg).to(dtype)  # the router keeps its bias in fp32 whatever the dtype
+            ours.load_state_dict(ref.state_dict())  # same names as transformers' in-memory layout (DESIGN.md)
+            layers = {"ours": ours, **layers}
+        except ImportError as e:
+            errors["ours"] = f"tritonmoe.dsv3.MoE unavailable: {e}"
     for m in layers.values():
-        m.to(device=device, dtype=dtype).train()
+        m.train()
     return layers, errors
 
 
@@ -212,17 +212,10 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--out", default=None, help="write the rows as JSON here")
-    args = ap.parse_args(argv)
-    device = common.pick_device(args.device)
-    rows, skipped = run(device, args.quick)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"meta": common.device_info(device), "results": rows, "skipped": skipped}, f, indent=1)
-    print(table(rows))
+    """This benchmark alone, through the driver (same options, thread policy and JSON as python -m bench)."""
+    from . import __main__ as driver
+
+    driver.main(["--only", "moe", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -19,8 +19,6 @@ Forward only. Run as a script for a table: python -m bench.bench_permute.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,17 +162,10 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--out", default=None, help="write the rows as JSON here")
-    args = ap.parse_args(argv)
-    device = common.pick_device(args.device)
-    rows, skipped = run(device, args.quick)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"meta": common.device_info(device), "results": rows, "skipped": skipped}, f, indent=1)
-    print(table(rows))
+    """This benchmark alone, through the driver (same options, thread policy and JSON as python -m bench)."""
+    from . import __main__ as driver
+
+    driver.main(["--only", "permute", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
