@@ -297,3 +297,26 @@ def test_dcp_loads_into_four_process_fsdp_ep_model(tmp_path, hf_mtp):
                 assert torch.equal(local, stacked[key][offset[0]:offset[0] + n]), (rank, ep, name)
                 if ep == 4:  # edp = 1: rank r holds exactly experts [r*E/ep, (r+1)*E/ep)
                     assert (offset[0], n) == (rank * E // ep, E // ep), (rank, name, offset)
+
+
+def test_dcp2hf_exports_a_training_checkpoint(tmp_path):
+    """A full training checkpoint (model + optimizer + train state, parallel.save_checkpoint) -> HF; the
+    optimizer entries are skipped and transformers computes our logits."""
+    from tritonmoe.dsv3 import DeepseekV3Config, DeepseekV3ForCausalLM
+    from tritonmoe.parallel import save_checkpoint
+
+    cfg = DeepseekV3Config.from_hf({**TINY, "model_type": "deepseek_v3"})
+    model = DeepseekV3ForCausalLM(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    input_ids = torch.randint(0, TINY["vocab_size"], (2, 8))
+    for p in model.parameters():  # an optimizer step without a backward through the kernel interpreter
+        p.grad = torch.randn_like(p)
+    opt.step()
+    ckpt = save_checkpoint(tmp_path / "run", 1, model, opt)
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf()))
+    convert.main(["dcp2hf", "--input", str(ckpt), "--output", str(tmp_path / "hf"),
+                  "--config", str(tmp_path / "config.json")])
+    tf_model = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        assert_close(tf_model(input_ids).logits, model(input_ids).logits, 1e-5, what="logits")
+    assert any(".layers.3.shared_head.head" in k for k in _read_all(tmp_path / "hf"))  # MTP exported too
