@@ -5,19 +5,15 @@ independent formula, plus a smoke test that `python -m bench --quick` writes the
 import dataclasses
 import json
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` lives at the repo root, not in the package
+from bench import __main__ as bench_main
+from bench import bench_grouped_gemm, bench_moe, bench_permute, common
+from helpers import assert_close
 
-from bench import __main__ as bench_main  # noqa: E402
-from bench import bench_grouped_gemm, bench_moe, bench_permute, common  # noqa: E402
-from helpers import assert_close  # noqa: E402
-
-from tritonmoe.kernels import grouped_gemm_torch, permute_torch, unpermute_torch  # noqa: E402
+from tritonmoe.kernels import grouped_gemm_torch, permute_torch, unpermute_torch
 
 
 def test_grouped_gemm_twin(benchmark):
