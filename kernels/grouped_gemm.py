@@ -21,9 +21,13 @@ import os
 from typing import NamedTuple
 
 import torch
-import triton
 
-from ._grouped_gemm_kernels import grouped_mm_kernel, grouped_mm_wgrad_kernel
+try:
+    import triton
+
+    from ._grouped_gemm_kernels import grouped_mm_kernel, grouped_mm_wgrad_kernel
+except ImportError:  # no Triton wheel for this platform (Linux only): the twin runs everywhere
+    triton = None
 
 CONFIG_ENV = "TRITONMOE_GEMM_CONFIG"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -125,6 +129,10 @@ def sm90_compile_jobs(dtype: torch.dtype = torch.bfloat16) -> list:
 
 def _interpreting(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return triton is not None and (t.device.type == "cuda" or _interpreting(t))
 
 
 def _check_interpreter_kernel(kernel) -> None:
@@ -308,7 +316,7 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) ->
     share a dtype (float32, float16 or bfloat16) and a device. Raises ValueError naming the offending value.
     """
     _check_args(x, w, group_sizes)
-    if x.device.type == "cpu" and not _interpreting(x):
+    if not _use_triton(x):
         _check_sizes(group_sizes, x.shape[0])
         return grouped_gemm_torch(x, w, group_sizes)
     return _grouped_mm_op(x, w, group_sizes)

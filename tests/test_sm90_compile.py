@@ -11,10 +11,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from tritonmoe.kernels._sm90 import SM90_SMEM_LIMIT, compile_sm90_all
-from tritonmoe.kernels.grouped_gemm import sm90_compile_jobs
-
 pytest.importorskip("triton")
+
+from tritonmoe.kernels._sm90 import SM90_SMEM_LIMIT, compile_sm90_all  # noqa: E402
+from tritonmoe.kernels.grouped_gemm import sm90_compile_jobs  # noqa: E402
 
 
 @pytest.fixture(scope="module")
