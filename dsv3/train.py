@@ -30,9 +30,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..parallel import (CheckpointError, apply_expert_parallel, apply_fsdp,
-                        build_meshes, check_ep_degree, clip_grad_norm_, latest_checkpoint, load_checkpoint, local_device,
-                        save_checkpoint)
+from ..parallel import (CheckpointError, apply_expert_parallel, apply_fsdp, build_meshes, check_ep_degree,
+                        clip_grad_norm_, latest_checkpoint, load_checkpoint, local_device, save_checkpoint)
 from .config import PRESETS, DeepseekV3Config
 from .data import batch, load_corpus
 from .moe import update_expert_bias
