@@ -220,7 +220,7 @@ def iter_hf_to_ours(hf_keys: Iterable[str], get: Callable[[str], torch.Tensor], 
     naming the keys when the set has keys the layout has no place for or an incomplete expert stack.
     """
     plan = plan_hf_keys(hf_keys, layout)
-    problems = _describe_problems(plan.missing, plan.unexpected)
+    problems = describe_key_problems(plan.missing, plan.unexpected)
     if problems:
         raise ValueError(f"checkpoint keys do not match the config: {problems}")
     for mapped in plan.tensors:
@@ -274,7 +274,7 @@ def iter_ours_to_hf(tensors: Mapping[str, torch.Tensor], layout: CheckpointLayou
         yield base + "shared_head.head.weight", get_main(layout.head_key()).contiguous()
 
 
-def _describe_problems(missing: Iterable[str], unexpected: Iterable[str], limit: int = 12) -> str:
+def describe_key_problems(missing: Iterable[str], unexpected: Iterable[str], limit: int = 12) -> str:
     out = []
     for what, names in (("missing", sorted(missing, key=_natural)), ("unexpected", sorted(unexpected, key=_natural))):
         if names:
@@ -306,7 +306,7 @@ def check_against(plan_keys: Iterable[str], expected: Mapping[str, object], layo
     missing += plan.missing if plan else []
     unexpected = [k for k in plan_keys if k not in expected]
     unexpected += plan.unexpected if plan else []
-    problems = _describe_problems(missing, unexpected)
+    problems = describe_key_problems(missing, unexpected)
     if problems:
         raise ValueError(f"checkpoint does not match the model built from its config.json: {problems}")
 

@@ -42,8 +42,8 @@ from typing import Callable
 import torch
 
 from .checkpoint import (CONFIG_FILE, EMBED, INDEX_FILE, CheckpointLayout, MappedTensor, Op, SafetensorsCheckpoint,
-                         ShardedSafetensorsWriter, _describe_problems, check_against, iter_ours_to_hf,
-                         mtp_layers_present, ours_group_of, plan_hf_keys, publish)
+                         ShardedSafetensorsWriter, check_against, describe_key_problems, iter_ours_to_hf,
+                         materialize, mtp_layers_present, ours_group_of, plan_hf_keys, publish)
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 STATE_KEY = "model"          # the DCP entry holding the model state dict (PLAN.md)
@@ -174,7 +174,7 @@ def hf2dcp(input_dir: str | os.PathLike, output_dir: str | os.PathLike, dtype: t
         digests = json.loads(digest_file.read_text()) if digest_file.is_file() else {}
         tensors = {}
         plan = plan_hf_keys(keys, layout)
-        problems = _describe_problems(plan.missing, plan.unexpected)
+        problems = describe_key_problems(plan.missing, plan.unexpected)
         if problems:
             raise ValueError(f"{_label(g, layout)}: {problems}")
         for mapped in plan.tensors:
@@ -219,8 +219,6 @@ def _shards_done(shard_groups: dict[str, set], done: set) -> int:
 
 def _materialize_checked(mapped: MappedTensor, ckpt: SafetensorsCheckpoint, dtype: torch.dtype,
                          want: torch.Tensor) -> torch.Tensor:
-    from .checkpoint import materialize
-
     t = materialize(mapped, lambda k: ckpt.get(k, dtype))
     if tuple(t.shape) != tuple(want.shape):
         raise ValueError(f"{', '.join(mapped.sources[:2])}: shape {tuple(t.shape)} does not match {mapped.key} "
@@ -319,19 +317,20 @@ def dcp2hf(input_dir: str | os.PathLike, output_dir: str | os.PathLike, config: 
     total = sum(m.size.numel() * m.properties.dtype.itemsize for m in stored.values())
     progress = Progress("dcp2hf", len(order), total, None, log)
     done, t0 = 0, time.monotonic()
+    main_cache: dict[str, torch.Tensor] = {}  # embedding/head, read only for MTP groups, which copy them
+
+    def get_main(key: str) -> torch.Tensor:
+        if key not in main_cache:
+            main_cache[key] = load([key])[key]
+        return main_cache[key]
+
     for g in order:
         tensors = load(groups[g])
-        main_cache: dict[str, torch.Tensor] = {}
-
-        def get_main(key: str) -> torch.Tensor:
-            if key not in main_cache:
-                main_cache[key] = load([key])[key]
-            return main_cache[key]
-
         for hf_key, t in iter_ours_to_hf(tensors, layout, get_main):
             writer.add(hf_key, t)
         done += sum(t.numel() * t.element_size() for t in tensors.values())
-        del tensors, main_cache
+        del tensors
+        main_cache.clear()
         progress.step(_label(g, layout), done)
     writer.finish()
     if not has_mtp and layout.num_mtp_layers:

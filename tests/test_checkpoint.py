@@ -7,7 +7,6 @@ FP8-quantized and given hand-made MTP layers by `make_hf_checkpoint` (also used 
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
