@@ -186,6 +186,8 @@ def hf2dcp(input_dir: str | os.PathLike, output_dir: str | os.PathLike, dtype: t
             else:
                 tensors[mapped.key] = t
                 bytes_converted += t.numel() * t.element_size()
+            # Unmap the source pages this tensor touched: they count as resident memory until released.
+            ckpt.release()
         if g is None:
             _atomic_write(digest_file, json.dumps({k: _digest(tensors[k]) for k in (EMBED, layout.head_key())
                                                    if k in tensors}))
