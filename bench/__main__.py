@@ -70,51 +70,11 @@ def run_benchmarks(device: torch.device, names: list[str], quick: bool, threads:
 
 # --------------------------------------------------------------------------------- sm_90a compile report
 
-def gemm_sm90_jobs(num_groups: int = 256):
-    """One sm_90a compilation per grouped-GEMM tile config and pass, specialised as Triton's launcher would
-    for DeepSeek-V3 bf16 tensors: unit strides folded to constants, pointers and the dims/strides that are
-    multiples of 16 (N, K, row strides) marked 16-divisible, M left unaligned (it follows routing).
-    BLOCK_G is that of 256 groups, the most the size vector ever holds."""
-    gg = importlib.import_module("tritonmoe.kernels.grouped_gemm")  # the module; the package attribute is the op
-    from tritonmoe.kernels._grouped_gemm_kernels import grouped_mm_kernel, grouped_mm_wgrad_kernel
-    from tritonmoe.kernels._sm90 import Sm90Job
-
-    block_g = 1 << (num_groups - 1).bit_length()
-    ptr = "*bf16"
-    jobs = []
-    # Forward: b = w [G,N,K] (stride_bk == 1). Input gradient: b = w.transpose(1,2) (stride_bn == 1).
-    for pas, unit_b in (("fwd", "stride_bk"), ("dgrad", "stride_bn")):
-        strided_b = "stride_bn" if unit_b == "stride_bk" else "stride_bk"
-        for c in gg.forward_configs():
-            sig = {"a_ptr": ptr, "b_ptr": ptr, "out_ptr": ptr, "group_sizes_ptr": "*i64",
-                   "M": "i32", "N": "i32", "K": "i32", "G": "i32", "stride_am": "i32", "stride_ak": "constexpr",
-                   "stride_bg": "i32", strided_b: "i32", unit_b: "constexpr", "stride_om": "i32",
-                   "stride_on": "constexpr"}
-            consts = {"stride_ak": 1, unit_b: 1, "stride_on": 1, "BLOCK_G": block_g, "BLOCK_M": c.block_m,
-                      "BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "SWIZZLE_M": gg.SWIZZLE_M, "UPCAST": False,
-                      "INPUT_PRECISION": "ieee"}
-            sig.update({k: "constexpr" for k in consts})
-            aligned = ("a_ptr", "b_ptr", "out_ptr", "group_sizes_ptr", "N", "K", "stride_am", "stride_bg",
-                       strided_b, "stride_om")
-            jobs.append((pas, c, Sm90Job(grouped_mm_kernel, sig, consts, aligned, c.num_warps, c.num_stages)))
-    for c in gg.wgrad_configs():
-        sig = {"dy_ptr": ptr, "x_ptr": ptr, "dw_ptr": ptr, "group_sizes_ptr": "*i64", "M": "i32", "N": "i32",
-               "K": "i32", "G": "i32", "stride_dym": "i32", "stride_dyn": "constexpr", "stride_xm": "i32",
-               "stride_xk": "constexpr", "stride_dwg": "i32", "stride_dwn": "i32", "stride_dwk": "constexpr"}
-        consts = {"stride_dyn": 1, "stride_xk": 1, "stride_dwk": 1, "BLOCK_G": block_g, "BLOCK_M": c.block_m,
-                  "BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "UPCAST": False, "INPUT_PRECISION": "ieee"}
-        sig.update({k: "constexpr" for k in consts})
-        aligned = ("dy_ptr", "x_ptr", "dw_ptr", "group_sizes_ptr", "N", "K", "stride_dym", "stride_xm",
-                   "stride_dwg", "stride_dwn")
-        jobs.append(("wgrad", c, Sm90Job(grouped_mm_wgrad_kernel, sig, consts, aligned, c.num_warps,
-                                         c.num_stages)))
-    return jobs
-
-
 def compile_report() -> list[dict[str, Any]]:
+    gg = importlib.import_module("tritonmoe.kernels.grouped_gemm")  # the module; the package attribute is the op
     from tritonmoe.kernels._sm90 import SM90_SMEM_LIMIT, compile_sm90_all
 
-    jobs = gemm_sm90_jobs()
+    jobs = gg.sm90_compile_jobs(torch.bfloat16)
     print(f"[bench] compiling {len(jobs)} grouped-GEMM configs for sm_90a ...", file=sys.stderr, flush=True)
     reports = compile_sm90_all([j for _, _, j in jobs])
     return [{"pass": pas, "block_m": c.block_m, "block_n": c.block_n, "block_k": c.block_k,
