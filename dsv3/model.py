@@ -196,8 +196,9 @@ class MTPModule(nn.Module):
 
 
 class DeepseekV3Model(nn.Module):
-    """Embedding, decoder stack, final norm, MTP modules.  forward(input_ids, cos, sin) -> hidden states
-    BEFORE the final norm (MTP depth 1 consumes them)."""
+    """Embedding, decoder stack, final norm, MTP modules.  forward(input_ids) -> (hidden states BEFORE the
+    final norm, which MTP depth 1 consumes; the token embeddings, which MTP reuses shifted instead of
+    looking the table up again)."""
 
     def __init__(self, cfg: DeepseekV3Config):
         super().__init__()
@@ -206,12 +207,26 @@ class DeepseekV3Model(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mtp = nn.ModuleList(MTPModule(cfg, cfg.num_hidden_layers + k)
                                  for k in range(cfg.num_nextn_predict_layers))
+        # Plain attributes, not buffers: meta-device construction and to_empty leave them intact.
+        self._rope = rope_inv_freq(cfg)
+        self._inv_freq_on: dict[torch.device, torch.Tensor] = {}
 
-    def forward(self, input_ids, cos, sin) -> torch.Tensor:
-        h = self.embed_tokens(input_ids)
+    def rope_tables(self, S: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [S, qk_rope_head_dim/2], computed in fp32 and cast to the activations' dtype (as
+        transformers does; under FSDP mixed precision that is the compute dtype, not the stored one)."""
+        inv_freq, attention_factor = self._rope
+        if device not in self._inv_freq_on:
+            self._inv_freq_on[device] = inv_freq.to(device)
+        freqs = torch.arange(S, device=device).float()[:, None] * self._inv_freq_on[device][None]
+        return (freqs.cos() * attention_factor).to(dtype), (freqs.sin() * attention_factor).to(dtype)
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = self.embed_tokens(input_ids)
+        cos, sin = self.rope_tables(input_ids.shape[1], emb.device, emb.dtype)
+        h = emb
         for layer in self.layers:
-            h = layer(h, cos[: h.shape[1]], sin[: h.shape[1]])
-        return h
+            h = layer(h, cos, sin)
+        return h, emb
 
 
 class DeepseekV3ForCausalLM(nn.Module):
@@ -222,9 +237,6 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.config = cfg
         self.model = DeepseekV3Model(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        # Plain attributes, not buffers: meta-device construction and to_empty leave them intact.
-        self._rope = rope_inv_freq(cfg)
-        self._inv_freq_on: dict[torch.device, torch.Tensor] = {}
         self.init_weights()
 
     # --------------------------------------------------------------------------------------------- init
@@ -243,14 +255,6 @@ class DeepseekV3ForCausalLM(nn.Module):
     reset_parameters = init_weights
 
     # ------------------------------------------------------------------------------------------ forward
-    def rope_tables(self, S: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [S, qk_rope_head_dim/2] in `dtype`, computed in fp32 like transformers."""
-        inv_freq, attention_factor = self._rope
-        if device not in self._inv_freq_on:
-            self._inv_freq_on[device] = inv_freq.to(device)
-        freqs = torch.arange(S, device=device).float()[:, None] * self._inv_freq_on[device][None]
-        return (freqs.cos() * attention_factor).to(dtype), (freqs.sin() * attention_factor).to(dtype)
-
     def head(self, h_normed: torch.Tensor) -> torch.Tensor:
         w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(h_normed, w)
@@ -261,8 +265,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         B, S = input_ids.shape
-        cos, sin = self.rope_tables(S, input_ids.device, self.model.embed_tokens.weight.dtype)
-        h = self.model(input_ids, cos, sin)
+        h, emb = self.model(input_ids)
         logits = self.head(self.model.norm(h))
         if labels is None:
             return CausalLMOutput(logits=logits)
@@ -273,10 +276,11 @@ class DeepseekV3ForCausalLM(nn.Module):
             raise ValueError(f"sequence length {S} too short: {D} MTP depths need at least {D + 2} tokens")
         lm_loss = _shifted_ce(logits, labels, 1)
         mtp_losses, mtp_logits = [], []
+        if D:
+            cos, sin = self.model.rope_tables(S, h.device, h.dtype)
         for k, mtp in enumerate(self.model.mtp):
             d = k + 1  # depth d sees tokens up to i+d and predicts token i+d+1; S-d positions remain
-            emb = self.model.embed_tokens(input_ids[:, d:])
-            h = mtp(emb, h[:, : S - d], cos[: S - d], sin[: S - d])
+            h = mtp(emb[:, d:], h[:, : S - d], cos[: S - d], sin[: S - d])
             lg = self.head(mtp.norm(h))
             mtp_losses.append(_shifted_ce(lg, labels, d + 1))
             mtp_logits.append(lg[:, :-1])

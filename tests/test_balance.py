@@ -50,7 +50,7 @@ def test_counts_training_forward_only():
     assert c.sum(1).tolist() == [B * S * K, B * S * K, B * (S - 1) * K]
     # and they are the router's own choices for that input
     x = model.model.embed_tokens(ids)
-    cos, sin = model.rope_tables(S, ids.device, x.dtype)
+    cos, sin = model.model.rope_tables(S, ids.device, x.dtype)
     layer0, layer1 = model.model.layers[0], model.model.layers[1]
     with torch.no_grad():
         h = layer0(x, cos, sin)

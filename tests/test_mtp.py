@@ -42,7 +42,7 @@ def test_mtp_matches_formulas(depths, tied):
     # Main trunk by hand from the public pieces: hidden states before the final norm.
     emb_w = model.model.embed_tokens.weight
     head_w = emb_w if tied else model.lm_head.weight
-    cos, sin = model.rope_tables(S, ids.device, torch.float32)
+    cos, sin = model.model.rope_tables(S, ids.device, torch.float32)
     h = emb_w[ids]
     for layer in model.model.layers:
         h = layer(h, cos, sin)
