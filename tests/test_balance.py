@@ -61,9 +61,10 @@ def test_counts_training_forward_only():
 
 @pytest.mark.parametrize("outside_wrapper", [False, True])  # our flag, and a plain torch checkpoint around blocks
 def test_counts_not_doubled_under_recomputation(outside_wrapper):
+    # The sequence-wise balance loss is on too: its gradient must not be added twice either.
     ids = torch.randint(0, 256, (2, 9))
-    plain = tiny_model()
-    ckpt = tiny_model()
+    plain = tiny_model(seq_aux_loss_alpha=0.01)
+    ckpt = tiny_model(seq_aux_loss_alpha=0.01)
     ckpt.load_state_dict(plain.state_dict())
     plain(ids, labels=ids).loss.backward()
     if outside_wrapper:
@@ -74,6 +75,7 @@ def test_counts_not_doubled_under_recomputation(outside_wrapper):
     else:
         apply_activation_checkpointing(ckpt)
     out = ckpt(ids, labels=ids)
+    assert out.aux_loss is not None and out.aux_loss > 0
     before_backward = counts(ckpt)
     out.loss.backward()
     assert torch.equal(counts(ckpt), before_backward)  # recomputation in backward counted nothing

@@ -114,3 +114,20 @@ def test_671b_on_meta_device():
     layer = model.model.layers[3]
     assert layer.mlp.experts.gate_up_proj.shape == (256, 4096, 7168)
     assert model.model.layers[2].mlp.__class__.__name__ == "MLP"  # first_k_dense_replace=3
+
+
+def test_16b_matches_moonlight_size():
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(DeepseekV3Config.from_hf("16b"))
+    main = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("model.mtp."))
+    assert 15.9e9 < main < 16.0e9, main  # Moonlight-16B-A3B: 15.96B parameters
+    assert not hasattr(model.model.layers[1].self_attn, "q_a_proj")  # q_lora_rank None: plain q_proj
+
+
+def test_moe_layer_pattern():
+    # DeepSeek's rule: MoE where layer >= first_k_dense_replace and layer % moe_layer_freq == 0.
+    cfg = DeepseekV3Config.from_hf("tiny", num_hidden_layers=6, first_k_dense_replace=1, moe_layer_freq=2)
+    assert [cfg.is_moe_layer(i) for i in range(7)] == [False, False, True, False, True, False, True]
+    model = DeepseekV3ForCausalLM(cfg)
+    assert [type(layer.mlp).__name__ for layer in model.model.layers] == ["MLP", "MLP", "MoE", "MLP", "MoE", "MLP"]
+    assert type(model.model.mtp[0].layer.mlp).__name__ == "MoE"  # MTP layer 6 continues the numbering
