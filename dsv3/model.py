@@ -230,6 +230,10 @@ class DeepseekV3Model(nn.Module):
 
 
 class DeepseekV3ForCausalLM(nn.Module):
+    """The trainable model: DeepseekV3Model + output head (tied to the embedding when configured), losses.
+    Build on the meta device for large shapes, then ``to_empty`` and ``init_weights``; parallelism
+    (tritonmoe.parallel) is applied to the built model."""
+
     def __init__(self, cfg: DeepseekV3Config):
         super().__init__()
         if not isinstance(cfg, DeepseekV3Config):
@@ -256,8 +260,10 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------------------------------ forward
     def head(self, h_normed: torch.Tensor) -> torch.Tensor:
-        w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h_normed, w)
+        """The output head shared by the main model and every MTP depth."""
+        if self.lm_head is None:
+            return F.linear(h_normed, self.model.embed_tokens.weight)
+        return self.lm_head(h_normed)  # the module, so that hooks (e.g. FSDP units) on it run
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> CausalLMOutput:
         """`labels` [B,S] are aligned with `input_ids` (often the same tensor); position i is scored on
