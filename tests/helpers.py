@@ -27,3 +27,13 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, max_rel: float, r
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill a tensor with NaN (floats) or -1 (ints) so unwritten elements show."""
     return t.fill_(float("nan") if t.is_floating_point() else -1)
+
+
+def use_twins(monkeypatch) -> None:
+    """Route CPU kernel calls to the PyTorch twins: the backend a CPU user gets without TRITON_INTERPRET=1.
+
+    For tests of model, balancing and training logic rather than of the kernels: an interpreted grouped-GEMM
+    launch costs 0.1-1 s on CI's 2 cores. The kernels' own tests hold the Triton kernels to the twins, and the
+    transformers parity tests run every case on both paths.
+    """
+    monkeypatch.setenv("TRITON_INTERPRET", "0")

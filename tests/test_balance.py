@@ -1,27 +1,16 @@
 """Aux-loss-free load balancing: what is counted (training forwards only, once under activation
 recomputation), update_expert_bias arithmetic, and identical biases across real gloo processes."""
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-import tritonmoe.dsv3.moe as moe_module
-from tritonmoe import kernels
+from dist_utils import run_distributed
 from tritonmoe.dsv3 import DeepseekV3Config, DeepseekV3ForCausalLM, MoE, apply_activation_checkpointing
 from tritonmoe.dsv3.moe import routers, update_expert_bias
 
 
-@pytest.fixture(autouse=True)
-def twins(monkeypatch):
-    """Counting and bias logic are under test, not the kernels: run experts on the twins (interpreted
-    Triton costs ~1 s a launch on CI's 2 cores)."""
-    monkeypatch.setattr(moe_module, "grouped_gemm", kernels.grouped_gemm_torch)
-    monkeypatch.setattr(moe_module, "permute", kernels.permute_torch)
-    monkeypatch.setattr(moe_module, "unpermute", kernels.unpermute_torch)
+pytestmark = pytest.mark.usefixtures("twins")
 
 
 def tiny_model(**kw) -> DeepseekV3ForCausalLM:
@@ -123,42 +112,27 @@ def test_bias_is_not_trained_but_is_saved():
 
 
 # ------------------------------------------------------------------------------------ multi-process
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    moe_module.grouped_gemm, moe_module.permute, moe_module.unpermute = (
-        kernels.grouped_gemm_torch, kernels.permute_torch, kernels.unpermute_torch)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def _bias_update_on_rank() -> dict:
+    rank = dist.get_rank()
+    torch.manual_seed(0)  # same weights on every rank
+    model = tiny_model()
+    torch.manual_seed(100 + rank)  # different data per rank
+    ids = torch.randint(0, 256, (2, 8 + 3 * rank))
+    model(ids, labels=ids).loss.backward()
+    local = counts(model)
+    calls = []
+    real = dist.all_reduce
+    dist.all_reduce = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
     try:
-        torch.manual_seed(0)  # same weights on every rank
-        model = tiny_model()
-        torch.manual_seed(100 + rank)  # different data per rank
-        ids = torch.randint(0, 256, (2, 8 + 3 * rank))
-        model(ids, labels=ids).loss.backward()
-        local = counts(model)
-        calls = []
-        real = dist.all_reduce
-        dist.all_reduce = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
-        try:
-            summed = update_expert_bias(model)
-        finally:
-            dist.all_reduce = real
-        bias = torch.stack([r.e_score_correction_bias for r in routers(model)])
-        torch.save({"local": local, "summed": summed, "bias": bias, "calls": len(calls)},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        summed = update_expert_bias(model)
     finally:
-        dist.destroy_process_group()
+        dist.all_reduce = real
+    bias = torch.stack([r.e_score_correction_bias for r in routers(model)])
+    return {"local": local, "summed": summed, "bias": bias, "calls": len(calls)}
 
 
-def test_identical_bias_across_gloo_processes(tmp_path):
-    world = 2
-    mp.spawn(_rank_main, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
-    res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+def test_identical_bias_across_gloo_processes():
+    res = run_distributed(_bias_update_on_rank, 2)
     total = sum(r["local"] for r in res)
     assert not all(torch.equal(res[0]["local"], r["local"]) for r in res[1:])  # ranks saw different tokens
     expected = (total.double().mean(1, keepdim=True) - total.double()).sign().float() * 1e-3

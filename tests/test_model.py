@@ -6,24 +6,9 @@ import pytest
 import torch
 import transformers
 
-import tritonmoe.dsv3.moe as moe_module
-from helpers import assert_close
-from tritonmoe import kernels
+from helpers import assert_close, use_twins
 from tritonmoe.dsv3 import DeepseekV3Config, DeepseekV3ForCausalLM
 
-
-def use_twins(monkeypatch):
-    """Expert path on the kernels' PyTorch twins.  Interpreted grouped-GEMM launches cost 0.1-1 s each on
-    CI's 2 shared cores: parity runs every case both ways, the other tests only on the twins (which the
-    kernels' own tests hold the kernels to)."""
-    monkeypatch.setattr(moe_module, "grouped_gemm", kernels.grouped_gemm_torch)
-    monkeypatch.setattr(moe_module, "permute", kernels.permute_torch)
-    monkeypatch.setattr(moe_module, "unpermute", kernels.unpermute_torch)
-
-
-@pytest.fixture
-def twins(monkeypatch):
-    use_twins(monkeypatch)
 
 BASE = dict(vocab_size=96, hidden_size=48, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
             num_attention_heads=3, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,

@@ -6,29 +6,13 @@ import torch
 import transformers
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
-import tritonmoe.dsv3.moe as moe_module
-from helpers import assert_close
-from tritonmoe import kernels
+from helpers import assert_close, use_twins
 from tritonmoe.dsv3 import DeepseekV3Config, MoE
 from tritonmoe.dsv3.moe import LocalDispatcher, Router, sequence_balance_loss
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
             num_attention_heads=2, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
             v_head_dim=8, first_k_dense_replace=0, num_nextn_predict_layers=0)
-
-
-def use_twins(monkeypatch):
-    """Run the expert path on the kernels' PyTorch twins.  Under TRITON_INTERPRET=1 each interpreted
-    grouped-GEMM launch costs 0.1-1 s on CI's 2 shared cores: parity runs both ways, the seam and loss
-    tests only on the twins (the kernels' own tests hold the kernels to them)."""
-    monkeypatch.setattr(moe_module, "grouped_gemm", kernels.grouped_gemm_torch)
-    monkeypatch.setattr(moe_module, "permute", kernels.permute_torch)
-    monkeypatch.setattr(moe_module, "unpermute", kernels.unpermute_torch)
-
-
-@pytest.fixture
-def twins(monkeypatch):
-    use_twins(monkeypatch)
 
 
 def make_cfg(**kw) -> DeepseekV3Config:

@@ -5,19 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import tritonmoe.dsv3.moe as moe_module
 from helpers import assert_close
-from tritonmoe import kernels
 from tritonmoe.dsv3 import DeepseekV3Config, DeepseekV3ForCausalLM
 
 
-@pytest.fixture(autouse=True)
-def twins(monkeypatch):
-    """MTP logic is under test, not the kernels: run experts on the twins (interpreted Triton costs ~1 s a
-    launch on CI's 2 cores; test_model/test_moe run the real kernels against transformers)."""
-    monkeypatch.setattr(moe_module, "grouped_gemm", kernels.grouped_gemm_torch)
-    monkeypatch.setattr(moe_module, "permute", kernels.permute_torch)
-    monkeypatch.setattr(moe_module, "unpermute", kernels.unpermute_torch)
+pytestmark = pytest.mark.usefixtures("twins")
 
 
 def rms(x, w, eps):

@@ -5,18 +5,13 @@ import textwrap
 
 import torch
 
-import tritonmoe.dsv3.moe as moe_module
-from tritonmoe import kernels
 from tritonmoe.dsv3 import DeepseekV3Config, DeepseekV3ForCausalLM, update_expert_bias
 from tritonmoe.dsv3.moe import routers
 
 
-def test_tiny_lm_and_mtp_losses_fall(monkeypatch):
+def test_tiny_lm_and_mtp_losses_fall(twins):
     # Optimization is under test, not the kernels: the twins take ~0.05 s a step here, interpreted Triton
     # ~1 s a launch (18 launches a step).  test_model/test_moe run the real kernels against transformers.
-    monkeypatch.setattr(moe_module, "grouped_gemm", kernels.grouped_gemm_torch)
-    monkeypatch.setattr(moe_module, "permute", kernels.permute_torch)
-    monkeypatch.setattr(moe_module, "unpermute", kernels.unpermute_torch)
     with open(textwrap.__file__, "rb") as f:  # ~20 kB of Python, always present
         data = torch.tensor(list(f.read()), dtype=torch.long)
     model = DeepseekV3ForCausalLM(DeepseekV3Config.from_hf("tiny"))
