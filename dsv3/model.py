@@ -302,10 +302,11 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------------------ HF checkpoint I/O
     @classmethod
-    def from_pretrained(cls, hf_dir, dtype=None, device=None) -> "DeepseekV3ForCausalLM":
-        """Load a Hugging Face safetensors checkpoint (published per-expert layout); see dsv3.checkpoint."""
+    def from_pretrained(cls, hf_dir, dtype=None, device=None, **options) -> "DeepseekV3ForCausalLM":
+        """Load a Hugging Face safetensors checkpoint (published per-expert layout). `options` are those of
+        dsv3.checkpoint.from_pretrained (missing_mtp, ignore_mtp_copies)."""
         from .checkpoint import from_pretrained
-        return from_pretrained(cls, hf_dir, dtype=dtype, device=device)
+        return from_pretrained(cls, hf_dir, dtype=dtype, device=device, **options)
 
     def save_pretrained(self, out_dir) -> None:
         """Write the Hugging Face layout (config.json + safetensors) that transformers loads."""

@@ -289,10 +289,10 @@ def test_from_pretrained_without_mtp_layers_and_dtype(hf_tiny):
     assert len(ours.model.mtp) == 0
     assert ours.model.layers[2].mlp.experts.gate_up_proj.dtype == torch.bfloat16
     assert ours.model.layers[2].mlp.gate.e_score_correction_bias.dtype == torch.float32  # buffers keep theirs
-    init = ck.from_pretrained(DeepseekV3ForCausalLM, path, missing_mtp="init")
+    init = DeepseekV3ForCausalLM.from_pretrained(path, missing_mtp="init")  # options reach the loader
     assert len(init.model.mtp) == 1
     with pytest.raises(ValueError, match="num_nextn_predict_layers=1 but the checkpoint holds no layer"):
-        ck.from_pretrained(DeepseekV3ForCausalLM, path, missing_mtp="error")
+        DeepseekV3ForCausalLM.from_pretrained(path, missing_mtp="error")
 
 
 def test_from_pretrained_reports_keys_and_shapes(tmp_path, hf_mtp):
