@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--clip", type=float, default=1.0, help="max global gradient norm (0: no clipping)")
-    p.add_argument("--out", default=None, help="output folder (default runs/PRESET)")
+    p.add_argument("--out", default=None, help="output folder (default: the first free runs/PRESET[-N]; with "
+                   "--resume the newest of them)")
     p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps (and after the last)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     p.add_argument("--seed", type=int, default=0)
@@ -179,6 +180,27 @@ def _memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def _holds_run(out: Path) -> bool:
+    return (out / "metrics.jsonl").exists() or any(out.glob("step_*"))
+
+
+def _default_out(name: str, resume: bool) -> Path:
+    """Without --out: a fresh run takes the first of runs/NAME, runs/NAME-2, ... that holds no run, so the
+    default command can be repeated and never touches an earlier run; --resume continues the newest of them.
+    Rank 0 decides and broadcasts, so no rank can see another's half-created folder."""
+    def nth(n: int) -> Path:
+        return Path("runs") / (name if n == 1 else f"{name}-{n}")
+
+    choice = [None]
+    if dist.get_rank() == 0:
+        n = 1
+        while _holds_run(nth(n)):
+            n += 1
+        choice = [str(nth(n - 1) if resume and n > 1 else nth(n))]
+    dist.broadcast_object_list(choice, src=0)
+    return Path(choice[0])
+
+
 def _prepare_out(out: Path, resume: bool) -> Path | None:
     """The checkpoint to resume from (None for a fresh run); refuses to overwrite an existing run."""
     ckpt = latest_checkpoint(out)
@@ -215,7 +237,7 @@ def main(argv: list[str] | None = None, on_step=None) -> dict:
     _init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     ep = _check_args(args, cfg, world)
-    out = Path(args.out or f"runs/{Path(args.preset).stem}")
+    out = Path(args.out) if args.out else _default_out(Path(args.preset).stem, args.resume)
     resume_from = _prepare_out(out, args.resume)
     corpus = load_corpus(args.data, args.data_dtype)
     for name, part in (("training", corpus.train), ("validation", corpus.val if args.val_every else None)):

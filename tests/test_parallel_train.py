@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from dist_utils import run_distributed  # noqa: E402
+from dist_utils import run_distributed
 
 # Small enough for CI's 2 cores, large enough that every MoE layer routes to every expert.
 # --decay-steps 20 everywhere: runs stopped at step 10 follow the schedule of the 20-step reference.
@@ -183,6 +182,30 @@ def _bad_inputs(root: str, ckpt_src: str) -> dict:
 def test_bad_inputs_fail_clearly(straight, tmp_path):
     (msgs,) = run_distributed(_bad_inputs, 1, str(tmp_path), straight["out"])
     print("\n" + "\n".join(msgs.values()))
+
+
+def _default_out_runs(root: str) -> list[str]:
+    os.chdir(root)  # forked rank: the working directory is this process's own
+    from tritonmoe.dsv3.train import main
+
+    first = main(COMMON + ["--steps", "1"])["out"]
+    again = main(COMMON + ["--steps", "1"])["out"]
+    resumed = main(COMMON + ["--steps", "2", "--resume"])["out"]
+    return [first, again, resumed]
+
+
+def test_default_out_never_reuses_a_run(tmp_path):
+    # The README's command without --out must be repeatable: a second run takes runs/tiny-2 (rank 0 picks and
+    # broadcasts it), and --resume without --out continues the newest run.
+    outs = run_distributed(_default_out_runs, 2, str(tmp_path))
+    expected = [os.path.join("runs", "tiny"), os.path.join("runs", "tiny-2"), os.path.join("runs", "tiny-2")]
+    assert outs == [expected, expected]  # both ranks agree
+
+    def steps(run: str) -> list[int]:
+        return [json.loads(ln)["step"] for ln in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    assert steps("runs/tiny") == [1]
+    assert steps("runs/tiny-2") == [1, 2]
 
 
 def test_torchrun_cli(tmp_path):
