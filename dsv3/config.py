@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,7 +70,7 @@ class DeepseekV3Config:
     pad_token_id: int | None = None
     # Training (not part of the published config; to_hf writes them too so they survive a round trip)
     bias_update_rate: float = 1e-3          # aux-loss-free balancing step size (gamma in the V3 report)
-    seq_aux_loss_alpha: float = 0.0         # sequence-wise balance loss weight; 0 = off
+    seq_aux_loss_alpha: float = 0.0         # sequence-wise balance loss weight; 0 = off (from_hf: aux_loss_alpha)
     mtp_loss_weight: float = 0.3            # lambda in loss = lm_loss + lambda * mean(mtp losses)
     activation_checkpointing: bool = False  # recompute each decoder block in backward
 
@@ -165,6 +166,7 @@ class DeepseekV3Config:
         # transformers 5 names the MTP depth num_mtp_layers in memory; the file spells num_nextn_predict_layers.
         if "num_nextn_predict_layers" not in d and "num_mtp_layers" in d:
             d["num_nextn_predict_layers"] = d["num_mtp_layers"]
+        _read_seq_aux(d)
         rope_theta, rope_scaling = _read_rope(d)
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in names and k not in ("rope_theta", "rope_scaling")}
@@ -195,6 +197,28 @@ class DeepseekV3Config:
     def replace(self, **changes) -> "DeepseekV3Config":
         """A validated copy with some fields changed."""
         return dataclasses.replace(self, **changes)
+
+
+def _read_seq_aux(d: dict) -> None:
+    """DeepSeek's own spelling of the sequence-wise balance loss -> ``seq_aux_loss_alpha`` (in place).
+
+    The published DeepSeek-V3 config.json (and Kimi-K2's, Moonlight's) carries ``"seq_aux": true,
+    "aux_loss_alpha": 0.001``: the file asks for the sequence-wise loss at alpha 1e-3, so that is what a training
+    run from it gets.  Note that the V3 report (sec. 4.2) pretrained with alpha = 1e-4; the 1e-3 in the file is the
+    value DeepSeek's V2 training code used, and their released V3 modeling code is inference-only, so the file is
+    the only statement we have.  Pick the report's value with ``from_hf(path, seq_aux_loss_alpha=1e-4)``.  Our own
+    ``seq_aux_loss_alpha`` key (``to_hf`` writes it) and overrides win over the DeepSeek spelling.
+    ``seq_aux: false`` with alpha > 0 asks for V2's batch-wise loss, which this package does not implement
+    (DeepSeek-V3 balances batches with the bias instead): a warning says so and no loss is added.
+    """
+    if "seq_aux_loss_alpha" in d or not d.get("aux_loss_alpha"):
+        return
+    if d.get("seq_aux", False):
+        d["seq_aux_loss_alpha"] = float(d["aux_loss_alpha"])
+    else:
+        warnings.warn(f"DeepseekV3Config.from_hf: aux_loss_alpha={d['aux_loss_alpha']} with seq_aux false asks for a "
+                      "batch-wise auxiliary loss, which is not implemented (balancing is aux-loss-free, by the "
+                      "routing bias); set seq_aux_loss_alpha for the sequence-wise loss")
 
 
 def _read_rope(d: dict) -> tuple[float, dict | None]:

@@ -67,6 +67,43 @@ def test_to_hf_loads_in_transformers_with_equal_numerics(rope, tmp_path):
     assert DeepseekV3Config.from_hf(tmp_path) == cfg  # our own round trip, training fields included
 
 
+# deepseek-ai/DeepSeek-V3's published config.json, verbatim (fields in file order).
+PUBLISHED_V3 = {
+    "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                 "AutoModel": "modeling_deepseek.DeepseekV3Model",
+                 "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"},
+    "aux_loss_alpha": 0.001, "bos_token_id": 0, "eos_token_id": 1, "ep_size": 1, "first_k_dense_replace": 3,
+    "hidden_act": "silu", "hidden_size": 7168, "initializer_range": 0.02, "intermediate_size": 18432,
+    "kv_lora_rank": 512, "max_position_embeddings": 163840, "model_type": "deepseek_v3",
+    "moe_intermediate_size": 2048, "moe_layer_freq": 1, "n_group": 8, "n_routed_experts": 256,
+    "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 128, "num_experts_per_tok": 8,
+    "num_hidden_layers": 61, "num_key_value_heads": 128, "num_nextn_predict_layers": 1, "pretraining_tp": 1,
+    "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                            "weight_block_size": [128, 128]},
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "seq_aux": True,
+    "tie_word_embeddings": False, "topk_group": 4, "topk_method": "noaux_tc", "torch_dtype": "bfloat16",
+    "transformers_version": "4.46.3", "use_cache": True, "v_head_dim": 128, "vocab_size": 129280,
+}
+
+
+def test_published_v3_config_reads_as_the_671b_preset():
+    cfg = DeepseekV3Config.from_hf(PUBLISHED_V3)
+    # The file asks for the sequence-wise balance loss (seq_aux) at aux_loss_alpha; everything else is the preset.
+    assert cfg.seq_aux_loss_alpha == 0.001
+    assert cfg.replace(seq_aux_loss_alpha=0.0) == DeepseekV3Config.from_hf("671b")
+    # Overrides and our own spelling win; seq_aux false (V2's batch-wise loss, not implemented) adds nothing.
+    assert DeepseekV3Config.from_hf(PUBLISHED_V3, seq_aux_loss_alpha=1e-4).seq_aux_loss_alpha == 1e-4
+    assert DeepseekV3Config.from_hf({**PUBLISHED_V3, "seq_aux_loss_alpha": 0.0}).seq_aux_loss_alpha == 0.0
+    with pytest.warns(UserWarning, match="batch-wise"):
+        assert DeepseekV3Config.from_hf({**PUBLISHED_V3, "seq_aux": False}).seq_aux_loss_alpha == 0.0
+    assert DeepseekV3Config.from_hf(cfg.to_hf()) == cfg  # the training field survives save_pretrained
+
+
 def test_num_mtp_layers_spelling():
     d = {k: v for k, v in PRESETS["tiny"].items() if k != "num_nextn_predict_layers"}
     assert DeepseekV3Config.from_hf({**d, "num_mtp_layers": 2}).num_nextn_predict_layers == 2
