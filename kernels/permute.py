@@ -194,15 +194,26 @@ def _check_index(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be an integer tensor, got dtype {t.dtype}")
 
 
+def _in_range(idx: torch.Tensor, hi: int) -> torch.Tensor:
+    """0-d bool tensor: all of idx in [0, hi), computed on idx's device without a host sync.
+
+    `idx < hi` casts hi to idx's dtype, and a bound past that dtype wraps (int8 ids against 256 experts
+    compare with 0 and fail every entry), so such a bound only leaves the lower check."""
+    if hi > torch.iinfo(idx.dtype).max:
+        return (idx >= 0).all()
+    return ((idx >= 0) & (idx < hi)).all()
+
+
 def _check_range(name: str, idx: torch.Tensor, hi: int) -> None:
     """All of idx in [0, hi): a ValueError on CPU; on CUDA an asynchronous device assert (no host sync)."""
     if idx.numel() == 0:
         return
+    ok = _in_range(idx, hi)
     if idx.device.type == "cuda":
-        torch._assert_async(((idx >= 0) & (idx < hi)).all(), f"{name} has values outside [0, {hi})")
+        torch._assert_async(ok, f"{name} has values outside [0, {hi})")
         return
-    lo_v, hi_v = idx.min().item(), idx.max().item()
-    if lo_v < 0 or hi_v >= hi:
+    if not ok:
+        lo_v, hi_v = idx.min().item(), idx.max().item()
         raise ValueError(f"{name} values must lie in [0, {hi}), got {lo_v if lo_v < 0 else hi_v}")
 
 
@@ -292,7 +303,9 @@ def permute_torch(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int):
     T, K = topk_idx.shape
     flat = topk_idx.reshape(-1).long()
     order = torch.argsort(flat, stable=True)  # flat index t*K+j, stable: tokens stay ascending per expert
-    x_sorted = x[order // K]
+    # index_select rather than x[order // K]: its backward is one index_add_ instead of an accumulating
+    # index_put_ (forward + backward 2.2x faster at T=1024, K=8, H=224 on one CPU thread).
+    x_sorted = x.index_select(0, order // K)
     group_sizes = torch.bincount(flat, minlength=num_experts)
     row_map = torch.empty_like(order)
     row_map[order] = torch.arange(T * K, device=x.device)
@@ -300,9 +313,17 @@ def permute_torch(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int):
 
 
 def unpermute_torch(y_sorted: torch.Tensor, row_map: torch.Tensor, topk_weights=None) -> torch.Tensor:
-    """y[t] = sum_j topk_weights[t,j] * y_sorted[row_map[t,j]] in fp32, returned in y_sorted.dtype."""
+    """y[t] = sum_j topk_weights[t,j] * y_sorted[row_map[t,j]] in fp32, returned in y_sorted.dtype.
+
+    Written as an embedding-bag sum: token t's bag holds rows row_map[t, :] with per-row weights, so the
+    [T, K, H] gather is never materialised, and autograd gives d y_sorted as one dense scatter-add and
+    d topk_weights as per-row dot products. Against the gather-multiply-sum form it replaced, forward +
+    backward are 3-4x faster on one CPU thread (T=1024..4096, K=8, H=224..448; bench/NOTES.md).
+    """
     T, K = row_map.shape
-    g = y_sorted[row_map.reshape(-1)].float().view(T, K, y_sorted.shape[1])
-    if topk_weights is not None:
-        g = g * topk_weights.float().unsqueeze(-1)
-    return g.sum(1).to(y_sorted.dtype)
+    w = None if topk_weights is None else topk_weights.float()
+    if K == 0 or y_sorted.shape[1] == 0:  # embedding_bag rejects empty bags and zero-width rows
+        g = y_sorted.float()[row_map.reshape(-1).long()].view(T, K, y_sorted.shape[1])
+        return (g if w is None else g * w.unsqueeze(-1)).sum(1).to(y_sorted.dtype)
+    y = torch.nn.functional.embedding_bag(row_map.long(), y_sorted.float(), mode="sum", per_sample_weights=w)
+    return y.to(y_sorted.dtype)

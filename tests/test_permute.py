@@ -136,6 +136,18 @@ def test_permute_empty_and_int32_indices():
         assert torch.equal(got, ref)
 
 
+def test_narrow_index_dtypes_against_a_wide_bound():
+    # int8 expert ids with 256 experts: `idx < 256` in int8 would wrap the bound to 0 and fail every id. The
+    # range check CUDA asserts on (_in_range) must widen instead; CPU computes the same predicate.
+    x = torch.randn(5, 16)
+    idx8 = torch.tensor([[3, 100], [127, 0], [5, 6], [100, 3], [1, 2]], dtype=torch.int8)
+    assert bool(pm._in_range(idx8, 256)) and not bool(pm._in_range(idx8 - 1, 256))
+    assert bool(pm._in_range(torch.tensor([[30000]], dtype=torch.int16), 40000))
+    assert not bool(pm._in_range(torch.tensor([[200]], dtype=torch.uint8), 150))
+    for got, ref in zip(permute(x, idx8, 256), permute_torch(x, idx8.long(), 256)):
+        assert torch.equal(got, ref)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # unpermute
 
