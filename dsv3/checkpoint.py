@@ -559,7 +559,9 @@ def from_pretrained(cls, hf_dir: str | os.PathLike, dtype: torch.dtype | None = 
             skip_missing = _is_mtp_key
     cfg = DeepseekV3Config.from_hf(hf_cfg)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    with device:
+    # Built on the meta device: no memory and no random init for weights the checkpoint overwrites (at 671B the
+    # init alone is 1.3 TB of normal_ in bf16). The loaded tensors are assigned in place of the meta ones below.
+    with torch.device("meta"):
         model = cls(cfg)
     expected = model.state_dict()
 
@@ -583,11 +585,29 @@ def from_pretrained(cls, hf_dir: str | os.PathLike, dtype: torch.dtype | None = 
     ckpt.release()
     for mapped, t in shared:
         _check_shared_copy(mapped, t, state[mapped.key], ignore_mtp_copies)
-    if skip_missing:  # missing_mtp="init": the freshly initialized MTP tensors, in the requested dtype
+    if skip_missing:  # missing_mtp="init": only the MTP modules are initialized, then cast to the requested dtype
+        from .model import init_module_weights
+
+        for mtp in model.model.mtp:
+            mtp.to_empty(device=device)
+            init_module_weights(mtp, cfg.initializer_range)
         state.update({k: v if k in buffers or dtype is None or not v.is_floating_point() else v.to(dtype)
-                      for k, v in expected.items() if skip_missing(k)})
+                      for k, v in model.state_dict().items() if skip_missing(k)})
     model.load_state_dict(state, strict=True, assign=True)
+    _materialize_meta_buffers(model, device)
     return model
+
+
+def _materialize_meta_buffers(model: torch.nn.Module, device: torch.device) -> None:
+    """Non-persistent buffers are in no checkpoint: after a meta-device build they are still meta. The only ones
+    the model has are the routers' token counters, which start at zero (rope tables are plain CPU attributes)."""
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None and buf.is_meta:
+                assert name in module._non_persistent_buffers_set, f"persistent buffer {name} was not loaded"
+                module._buffers[name] = torch.zeros(buf.shape, dtype=buf.dtype, device=device)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    assert not left, f"tensors left on the meta device after loading: {left[:4]}"
 
 
 def _check_shared_copy(mapped: MappedTensor, copy: torch.Tensor, main: torch.Tensor, ignore: bool) -> None:

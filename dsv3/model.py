@@ -247,14 +247,7 @@ class DeepseekV3ForCausalLM(nn.Module):
     def init_weights(self) -> None:
         """transformers' init: Linear/Embedding/router/expert weights ~ N(0, initializer_range), norms 1,
         balancing bias and counters 0.  Use after ``to_empty`` when the model was built on the meta device."""
-        std = self.config.initializer_range
-        with torch.no_grad():
-            for m in self.modules():
-                if isinstance(m, (Router, GroupedExperts, RMSNorm)):
-                    m.reset_parameters()
-                elif isinstance(m, nn.Embedding):
-                    m.weight.normal_(0.0, std)
-            init_linears_(self, std)
+        init_module_weights(self, self.config.initializer_range)
 
     reset_parameters = init_weights
 
@@ -314,6 +307,17 @@ class DeepseekV3ForCausalLM(nn.Module):
         save_pretrained(self, out_dir)
 
 
+def init_module_weights(root: nn.Module, std: float) -> None:
+    """The init of ``DeepseekV3ForCausalLM.init_weights`` for any part of the model (e.g. one MTP module)."""
+    with torch.no_grad():
+        for m in root.modules():
+            if isinstance(m, (Router, GroupedExperts, RMSNorm)):
+                m.reset_parameters()
+            elif isinstance(m, nn.Embedding):
+                m.weight.normal_(0.0, std)
+        init_linears_(root, std)
+
+
 def _shifted_ce(logits_BLV: torch.Tensor, labels_BS: torch.Tensor, shift: int) -> torch.Tensor:
     """Cross-entropy of logits position i against labels[i+shift]; logits positions without a target drop."""
     L = labels_BS.shape[1] - shift
@@ -331,4 +335,5 @@ def apply_activation_checkpointing(model: nn.Module, enabled: bool = True) -> nn
 
 
 __all__ = ["DeepseekV3ForCausalLM", "DeepseekV3Model", "DecoderLayer", "MLA", "MTPModule", "RMSNorm",
-           "CausalLMOutput", "apply_activation_checkpointing", "rope_inv_freq", "softmax_scale", "apply_rope"]
+           "CausalLMOutput", "apply_activation_checkpointing", "init_module_weights", "rope_inv_freq", "softmax_scale",
+           "apply_rope"]
