@@ -353,7 +353,8 @@ _SAFETENSORS_BYTES = {"F8_E4M3": 1, "F8_E5M2": 1, "BF16": 2, "F16": 2, "F32": 4,
 class SafetensorsCheckpoint:
     """Lazy reader of an HF safetensors checkpoint directory: only index and headers are read up front.
 
-    ``keys()`` lists logical tensor names (FP8 scale keys folded into their weights); ``get(name, dtype)``
+    ``keys()`` lists logical tensor names (FP8 scale keys folded into their weights; zero-element tensors, which
+    carry no values, listed in ``empty`` instead); ``get(name, dtype)``
     reads one tensor, dequantizing FP8 block-wise. ``release()`` drops open shards (their memory maps), which
     a streaming caller does after each layer. ``bytes_read`` counts stored bytes read so far.
     """
@@ -392,6 +393,13 @@ class SafetensorsCheckpoint:
             raise ValueError(f"scale keys without their weight: {[self.scales[k] for k in orphans][:8]}")
         self._handles: dict[str, object] = {}
         self.bytes_read = 0
+        # Zero-element tensors hold no values: transformers saves a 0-wide shared-expert MLP when n_shared_experts
+        # is 0, which our model (rightly) has no place for. Skipped here, from the headers alone.
+        self.empty = [k for k in self._keys if math.prod(self._handle(weight_map[k]).get_slice(k).get_shape()) == 0]
+        if self.empty:
+            empty = set(self.empty)
+            self._keys = [k for k in self._keys if k not in empty]
+        self.release()
 
     def keys(self) -> list[str]:
         return list(self._keys)

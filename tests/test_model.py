@@ -1,5 +1,5 @@
 """Whole-model parity with transformers' DeepseekV3ForCausalLM (the published modeling) on random tiny
-configs: logits, loss and every parameter's gradient, fp32.  Plus construction paths: meta device ->
+configs, saved by transformers and loaded by our from_pretrained: logits, loss and every parameter's gradient, fp32.  Plus construction paths: meta device ->
 to_empty -> init_weights, state-dict names, bf16 keeping the balancing bias in fp32."""
 
 import pytest
@@ -49,27 +49,27 @@ def randomize_(model: torch.nn.Module) -> None:
                 b.normal_(0.0, 0.1)
 
 
-def hf_pair(cfg: DeepseekV3Config):
+def hf_pair(cfg: DeepseekV3Config, tmp_path):
+    """transformers' model with random weights, saved by its own save_pretrained and loaded by our
+    from_pretrained (the path a user takes; it must cope with what transformers writes, e.g. the 0-wide
+    shared-expert MLP it keeps when n_shared_experts is 0, and the tied head)."""
     hf_cfg = transformers.DeepseekV3Config(**cfg.to_hf(), attn_implementation="eager")
     ref = transformers.DeepseekV3ForCausalLM(hf_cfg)
     randomize_(ref)
-    ours = DeepseekV3ForCausalLM(cfg)
-    state = {k: v for k, v in ref.state_dict().items() if v.numel() > 0}  # HF keeps a 0-wide shared MLP
-    if cfg.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    missing, unexpected = ours.load_state_dict(state, strict=False)
-    assert not unexpected, unexpected
-    assert all(k.startswith("model.mtp.") for k in missing), missing  # MTP is ours only
+    ref.save_pretrained(tmp_path)
+    # transformers writes no MTP layer: MTP is ours only, initialized fresh.
+    ours = DeepseekV3ForCausalLM.from_pretrained(tmp_path, missing_mtp="init")
+    assert ours.config.replace(seq_aux_loss_alpha=0.0) == cfg.replace(seq_aux_loss_alpha=0.0)
     return ref, ours
 
 
 @pytest.mark.parametrize("kernel_path", ["twin", "triton"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_logits_loss_and_grads_match_transformers(case, kernel_path, monkeypatch):
+def test_logits_loss_and_grads_match_transformers(case, kernel_path, monkeypatch, tmp_path):
     if kernel_path == "twin":
         use_twins(monkeypatch)
     cfg = DeepseekV3Config(**BASE, **CASES[case])
-    ref, ours = hf_pair(cfg)
+    ref, ours = hf_pair(cfg, tmp_path)
     ids = torch.randint(0, cfg.vocab_size, (2, 17))
     labels = torch.randint(0, cfg.vocab_size, (2, 17))
     labels[0, 5] = -100  # ignored position
