@@ -5,16 +5,21 @@
 
 With no arguments on a machine without GPUs: the `tiny` preset, byte-level on the Python standard library's
 .py sources (data.py), gloo, EP = gcd(world, experts) (= min(world, experts) whenever one divides the
-other). With GPUs: NCCL, one GPU per rank, bf16 compute with fp32 master weights and fp32 gradient reduction.
+other). With GPUs: NCCL, one GPU per rank, bf16 compute with fp32 master weights, fp32 routers and fp32 gradient
+reduction (--mixed-precision auto; `--mixed-precision bf16` runs the same dtype flow on CPU).
 
 Per step s (numbered from 1): the global batch of --batch-size sequences is a function of (seed, s) only and
 is split across the data-parallel ranks; forward + backward; gradient clipping by the global norm over dense
 and expert shards; AdamW with linear warmup and cosine decay; then update_expert_bias (aux-loss-free
 balancing, token counts summed over all ranks). Output: one human line per step on rank 0 and one JSON object
 per step in DIR/metrics.jsonl (step, loss, lm_loss, mtp_loss, tokens_per_s, max_load_ratio, lr, grad_norm,
-and val_loss on validation steps). Checkpoints: DIR/step_XXXXXXXX (parallel/checkpoint.py) after every
---ckpt-every steps and after the last; --resume continues from the newest complete one to --steps.
-A NaN/inf loss stops the run before the optimizer step, leaving the last checkpoint as it was.
+memory_mb, and val_loss on validation steps). Checkpoints: DIR/step_XXXXXXXX (parallel/checkpoint.py) after
+every --ckpt-every steps and after the last; --resume continues from the newest complete one to --steps.
+A NaN/inf loss or gradient norm stops the run before the optimizer step, leaving the last checkpoint as it was.
+
+Host syncs per step on GPUs: one per MoE layer forward (the all-to-all split sizes; a recomputed forward
+under --ac pays it again), one before the optimizer step (global-batch losses and gradient norm in a single
+copy, which the NaN/inf stop needs), and one after it for the step time and the expert-load ratio.
 """
 
 import argparse
@@ -63,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ac", action="store_true", help="activation checkpointing of every decoder block")
+    p.add_argument("--mixed-precision", default="auto", choices=["auto", "bf16", "none"],
+                   help="bf16: bf16 compute, fp32 master weights, routers and gradient reduction; none: fp32 "
+                        "throughout; auto (default): bf16 on GPUs, none on CPU")
     p.add_argument("--val-every", type=int, default=50, help="validation loss every N steps and at the end")
     p.add_argument("--val-batches", type=int, default=4, help="global batches in one validation")
     p.add_argument("--data", default=None, help="text file or folder (byte-level), or a token file with "
@@ -87,8 +95,15 @@ def _init_distributed() -> None:
             port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl")
+        local_rank, n_gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local_rank >= n_gpus:
+            raise ValueError(f"LOCAL_RANK {local_rank} but this node has {n_gpus} GPU(s): run at most {n_gpus} "
+                             "processes per node (--nproc_per_node)")
+        # Bind the rank to its GPU before NCCL starts: collectives, barriers and object broadcasts
+        # (broadcast_object_list) then all use this device, never GPU 0 from every rank.
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
     else:
         dist.init_process_group("gloo")
 
@@ -131,7 +146,15 @@ def _load_config(preset: str) -> DeepseekV3Config:
     return DeepseekV3Config.from_hf(preset)
 
 
-def _build_model(cfg: DeepseekV3Config, seed: int, ep: int, device: torch.device):
+def _param_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
+    """FSDP's compute dtype for --mixed-precision (None: the parameters' own fp32)."""
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if device.type == "cuda" else "none"
+    return torch.bfloat16 if mixed_precision == "bf16" else None
+
+
+def _build_model(cfg: DeepseekV3Config, seed: int, ep: int, device: torch.device,
+                 param_dtype: torch.dtype | None):
     from .model import DeepseekV3ForCausalLM
 
     torch.manual_seed(seed)  # identical initial weights on every rank and for every layout
@@ -139,8 +162,7 @@ def _build_model(cfg: DeepseekV3Config, seed: int, ep: int, device: torch.device
     meshes = build_meshes(ep, cfg.n_routed_experts or None)
     if ep > 1:
         apply_expert_parallel(model, meshes.expert)
-    apply_fsdp(model, meshes.dense, meshes.expert,
-               param_dtype=torch.bfloat16 if device.type == "cuda" else None)
+    apply_fsdp(model, meshes.dense, meshes.expert, param_dtype=param_dtype)
     return model
 
 
@@ -249,7 +271,8 @@ def main(argv: list[str] | None = None, on_step=None) -> dict:
                          f"{cfg.vocab_size}")
     device = local_device()
 
-    model = _build_model(cfg, args.seed, ep, device)
+    param_dtype = _param_dtype(args.mixed_precision, device)
+    model = _build_model(cfg, args.seed, ep, device, param_dtype)
     optimizer = _make_optimizer(model, args)
     start = 1
     metrics_path = out / "metrics.jsonl"
@@ -267,10 +290,11 @@ def main(argv: list[str] | None = None, on_step=None) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         n_params = sum(p.numel() for p in model.parameters())
         resumed = f" (resumed from {resume_from.name})" if resume_from else ""
+        precision = "bf16 compute" if param_dtype is not None else "fp32"
         print(f"tritonmoe train: preset {args.preset}, {n_params / 1e6:.2f}M params, world {world} "
               f"({dist.get_backend()}), ep {ep} x edp {world // ep}, global batch {args.batch_size} x "
-              f"{args.seq_len}, steps {start}..{args.steps}{resumed}\n  data: {corpus.description}\n  out: {out}",
-              flush=True)
+              f"{args.seq_len}, {precision}, steps {start}..{args.steps}{resumed}\n  data: {corpus.description}\n"
+              f"  out: {out}", flush=True)
 
     losses, val_loss, last_ckpt = {}, None, resume_from
     tokens_per_step = args.batch_size * args.seq_len
@@ -284,15 +308,21 @@ def main(argv: list[str] | None = None, on_step=None) -> dict:
             rows = batch(corpus.train, args.seed, step, args.batch_size, args.seq_len, rank, world, device)
             loss, lm_loss, mtp_loss = _losses(model, rows)
             loss.backward()
-            # Logged losses are means over the global batch: one all-reduce of the three scalars.
+            # Global gradient norm over dense and expert shards (clipped to --clip unless it is 0). The logged
+            # losses are means over the global batch: one all-reduce of the three scalars. Both come to the
+            # host in one copy, before the optimizer step, so that a non-finite value stops the run first.
+            grad_norm = clip_grad_norm_(model.parameters(), args.clip if args.clip > 0 else math.inf)
             logged = torch.stack([loss.detach(), lm_loss.detach(), mtp_loss.detach()]).double()
             dist.all_reduce(logged)
-            logged = (logged / world).tolist()
+            *logged, grad_norm = torch.cat([logged / world, grad_norm.double().view(1)]).tolist()
             if not all(math.isfinite(v) for v in logged):
                 raise NonFiniteLossError(
                     f"step {step}: loss is {logged[0]} (lm {logged[1]}, mtp {logged[2]}); stopped before the "
                     f"optimizer step. Last good checkpoint: {last_ckpt or 'none'}")
-            grad_norm = clip_grad_norm_(model.parameters(), args.clip) if args.clip > 0 else None
+            if not math.isfinite(grad_norm):
+                raise NonFiniteLossError(
+                    f"step {step}: gradient norm is {grad_norm} (loss {logged[0]}); stopped before the optimizer "
+                    f"step. Last good checkpoint: {last_ckpt or 'none'}")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             counts = update_expert_bias(model)  # token counts summed over every rank
@@ -300,12 +330,10 @@ def main(argv: list[str] | None = None, on_step=None) -> dict:
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             record = {"step": step, "loss": logged[0], "lm_loss": logged[1], "mtp_loss": logged[2],
-                      "tokens_per_s": tokens_per_step / dt, "lr": lr}
+                      "tokens_per_s": tokens_per_step / dt, "lr": lr, "grad_norm": grad_norm}
             if counts is not None:
                 load = counts.double()
                 record["max_load_ratio"] = (load.max(1).values / load.mean(1)).max().item()
-            if grad_norm is not None:
-                record["grad_norm"] = grad_norm.item()
             record["memory_mb"] = _memory_mb(device)
             if args.val_every and (step % args.val_every == 0 or step == args.steps):
                 val_loss = record["val_loss"] = _validate(model, corpus, args, world, rank, device)
