@@ -5,6 +5,7 @@ One group of 4 forked ranks runs every check (process start-up dominates on CI's
 computes the single-process reference on the whole input, so the comparison needs no extra exchange.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,12 @@ from helpers import assert_close  # noqa: E402
 
 WORLD = 4
 TOL = 1e-5  # fp32: EP changes only the order of a few additions in the gradient scatter
+# bf16 EP through the interpreted Triton kernels vs the single-process layer on the twins. Besides rounding
+# (2^-9) and bf16 expert gradients summed over edp, Triton 3.9's interpreter casts fp32 -> bf16 by truncation
+# (runtime/interpreter.py: cast_impl passes no rounding mode), where the twin and the GPU round to nearest.
+# Measured max / rms relative errors: y 1.3e-2 / 1.2e-2, expert gradients 1.7e-2 / 1.2e-2 (on the twins:
+# y and dx exact, expert gradients 5.5e-3 / 2.9e-3). A routing or regrouping mistake moves whole rows: O(1).
+BF16_TOL, BF16_RMS_TOL = 3e-2, 2e-2
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -63,8 +70,13 @@ def _check_all_to_all():
         all_to_all(x, recv, [n + 1 for n in send])
 
 
-def _ep_case(ep: int, tokens_per_rank: list[int], bias_to: list[int] | None) -> dict:
-    """MoE under EP=ep on WORLD ranks vs the same MoE on one process; returns the relative errors."""
+def _ep_case(ep: int, tokens_per_rank: list[int], bias_to: list[int] | None, dtype: torch.dtype = torch.float32,
+             tol: float = TOL, rms_tol: float | None = None, interpret_ep: bool = False) -> dict:
+    """MoE under EP=ep on WORLD ranks vs the same MoE on one process; returns the relative errors.
+
+    dtype=bf16 is the GPU's mixed-precision flow: bf16 tokens, experts and shared experts, an fp32 router (as
+    apply_fsdp keeps it), compared with the single-process layer in the same dtypes. interpret_ep runs the EP
+    layer (not the reference) through the Triton kernels in the interpreter: the GPU's code path."""
     import torch.distributed as dist
 
     from tritonmoe.dsv3.config import DeepseekV3Config
@@ -90,6 +102,10 @@ def _ep_case(ep: int, tokens_per_rank: list[int], bias_to: list[int] | None) -> 
 
     moe = MoE(cfg)
     moe.load_state_dict(ref.state_dict())
+    for m in (ref, moe):
+        m.experts.to(dtype)
+        m.shared_experts.to(dtype)
+    x_all, dy_all = x_all.to(dtype), dy_all.to(dtype)
     meshes = build_meshes(ep, num_experts=E)
     apply_expert_parallel(moe, meshes.expert)
     L, ep_rank = E // ep, meshes.expert["ep"].get_local_rank()
@@ -98,8 +114,12 @@ def _ep_case(ep: int, tokens_per_rank: list[int], bias_to: list[int] | None) -> 
     y_ref = ref(x_ref)
     (y_ref * dy_all).sum().backward()
     x = x_all[mine].clone().requires_grad_()
-    y = moe(x)
-    (y * dy_all[mine]).sum().backward()
+    os.environ["TRITON_INTERPRET"] = "1" if interpret_ep else "0"
+    try:
+        y = moe(x)
+        (y * dy_all[mine]).sum().backward()
+    finally:
+        os.environ["TRITON_INTERPRET"] = "0"
 
     # Each rank holds experts [ep_rank*L, (ep_rank+1)*L); their gradient is spread over the edp groups.
     local = slice(ep_rank * L, (ep_rank + 1) * L)
@@ -117,15 +137,19 @@ def _ep_case(ep: int, tokens_per_rank: list[int], bias_to: list[int] | None) -> 
              "d_down": (g2, ref.experts.down_proj.grad[local]),
              "d_shared": (g_shared, ref.shared_experts.down_proj.weight.grad)}
     for name, (a, b) in pairs.items():
+        assert a.dtype == b.dtype == (torch.float32 if name == "d_router" else dtype), (name, a.dtype, b.dtype)
         if b.numel():
-            assert_close(a, b, TOL, what=f"ep={ep} tokens={tokens_per_rank} bias_to={bias_to} {name}")
+            assert_close(a, b, tol, rms_tol, what=f"ep={ep} tokens={tokens_per_rank} bias_to={bias_to} {dtype} {name}")
     return {name: _rel(a, b) if b.numel() else 0.0 for name, (a, b) in pairs.items()}
 
 
-def _worker():
+def _worker(interpret: bool):
     mesh_errors = _check_meshes()
     _check_all_to_all()
     results = {}
+    # bf16 rows through the all-to-all and, when the suite interprets Triton, through the Triton kernels (the
+    # GPU's code path of permute, grouped GEMM and unpermute): every dtype must line up.
+    results[(2, "bf16")] = _ep_case(2, [5, 7, 3, 6], None, torch.bfloat16, BF16_TOL, BF16_RMS_TOL, interpret)
     for ep in (2, 4):
         # uneven token counts per rank
         results[(ep, "uneven")] = _ep_case(ep, [5, 7, 3, 6], None)
@@ -137,7 +161,7 @@ def _worker():
 
 
 def test_ep_moe_matches_single_process():
-    out = run_distributed(_worker, WORLD)
+    out = run_distributed(_worker, WORLD, os.environ.get("TRITON_INTERPRET") == "1")
     mesh_errors, _ = out[0]
     assert "does not divide the world size 4" in mesh_errors[0]
     assert "does not divide n_routed_experts=6" in mesh_errors[1]
@@ -149,4 +173,4 @@ def test_ep_moe_matches_single_process():
     print("\nmax relative errors, EP vs single process:")
     for (case, name), e in sorted(worst.items()):
         print(f"  ep={case[0]} {case[1]:>13} {name:>9}: {e:.2e}")
-    assert max(worst.values()) <= TOL
+    assert max(e for (case, _), e in worst.items() if case[1] != "bf16") <= TOL
