@@ -49,6 +49,10 @@ def _child(rank, world, port, fn, args, queue):
 def run_distributed(fn, world: int, *args, timeout: float = 120.0) -> list:
     """fn(*args) on `world` gloo ranks; returns [result of rank 0, ..., rank world-1].
     Raises AssertionError with the failing ranks' tracebacks if any rank fails or times out."""
+    # Import the trainer and everything under it (DTensor, FSDP2, DCP: ~2.5 s) once here, before forking:
+    # otherwise every rank of every group pays it again.
+    import tritonmoe.dsv3.train  # noqa: F401
+
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     port = free_port()
