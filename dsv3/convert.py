@@ -200,7 +200,7 @@ def hf2dcp(input_dir: str | os.PathLike, output_dir: str | os.PathLike, dtype: t
         progress.step(_label(g, layout), bytes_done, _shards_done(shard_groups, done_groups))
 
     _merge_parts(tmp, [_part_name(g) for g in groups])
-    _atomic_write(tmp / CONFIG_FILE, json.dumps(hf_cfg, indent=2) + "\n")
+    _atomic_write(tmp / CONFIG_FILE, json.dumps(_plain_config(hf_cfg, log), indent=2) + "\n")
     digest_file.unlink(missing_ok=True)
     if out.exists():
         shutil.rmtree(out)
@@ -209,6 +209,16 @@ def hf2dcp(input_dir: str | os.PathLike, output_dir: str | os.PathLike, dtype: t
     log(f"[hf2dcp] wrote {out}: {bytes_done / 2**20:.1f} MiB read in {seconds:.1f}s "
         f"({bytes_done / 2**20 / max(seconds, 1e-9):.1f} MiB/s)")
     return {"skipped": False, "bytes_read": bytes_done, "bytes_written": bytes_converted, "seconds": seconds}
+
+
+def _plain_config(hf_cfg: dict, log: Callable[[str], None]) -> dict:
+    """The config.json for dequantized weights: the source's without its ``quantization_config`` (the published
+    checkpoint's FP8 block scheme). Kept, transformers would treat the written bf16/fp32 weights as an FP8
+    checkpoint (it demands accelerate, then re-quantizes them). Everything else is kept as the source has it."""
+    if "quantization_config" not in hf_cfg:
+        return hf_cfg
+    log("[convert] dropping quantization_config from config.json: the weights are written dequantized")
+    return {k: v for k, v in hf_cfg.items() if k != "quantization_config"}
 
 
 def _part_name(group: int | None) -> str:
@@ -337,6 +347,9 @@ def dcp2hf(input_dir: str | os.PathLike, output_dir: str | os.PathLike, config: 
     writer.finish()
     if not has_mtp and layout.num_mtp_layers:
         hf_cfg = {**hf_cfg, "num_nextn_predict_layers": 0}
+    # DCP never holds FP8 (hf2dcp dequantizes), so a --config taken from the published FP8 checkpoint must lose
+    # its quantization_config here too.
+    hf_cfg = _plain_config(hf_cfg, log)
     _atomic_write(tmp / CONFIG_FILE, json.dumps(hf_cfg, indent=2) + "\n")
     publish(tmp, out)
     seconds = time.monotonic() - t0

@@ -70,9 +70,14 @@ def test_fp8_source_dequantized_into_dcp_and_back(tmp_path, hf_mtp):
     path, _ = hf_mtp
     src = _read_all(path)
     config = json.loads((path / ck.CONFIG_FILE).read_text())
+    # As published: the FP8 block scheme is declared in config.json.
+    config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                     "weight_block_size": [128, 128]}
     make_hf_checkpoint(tmp_path / "fp8", src, config, fp8=True)
     convert.hf2dcp(tmp_path / "fp8", tmp_path / "dcp", torch.float32, log=_quiet)
     ours = load_dcp(tmp_path / "dcp")
+    dcp_config = json.loads((tmp_path / "dcp" / ck.CONFIG_FILE).read_text())
+    assert "quantization_config" not in dcp_config  # the weights are not FP8 any more
 
     def dequant(key):  # direct computation: one 128x128 tile covers these tiny weights
         q, s = quantize_fp8_blockwise(src[key])
@@ -87,6 +92,11 @@ def test_fp8_source_dequantized_into_dcp_and_back(tmp_path, hf_mtp):
     assert not any(k.endswith(ck.SCALE_SUFFIX) for k in back) and back.keys() == src.keys()
     assert torch.equal(back["model.layers.2.mlp.experts.11.down_proj.weight"],
                        dequant("model.layers.2.mlp.experts.11.down_proj.weight"))
+    # transformers loads the export as the plain fp32 checkpoint it is (with the FP8 quantization_config still in
+    # config.json it demanded accelerate and would have re-quantized the weights).
+    tf_model = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "hf")
+    assert torch.equal(tf_model.model.layers[0].self_attn.q_b_proj.weight,
+                       dequant("model.layers.0.self_attn.q_b_proj.weight"))
 
     index = json.loads((tmp_path / "fp8" / ck.INDEX_FILE).read_text())
     del index["weight_map"]["model.layers.2.self_attn.o_proj.weight_scale_inv"]
