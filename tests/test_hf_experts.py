@@ -4,6 +4,10 @@ transformers' own experts code is the reference: "eager" (a per-expert loop) for
 "batched_mm" function for the expert-parallel sentinel path, which eager does not implement.
 """
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -115,3 +119,25 @@ def test_refuses_quantized_and_malformed_inputs():
     experts.down_proj.data = experts.down_proj.data.to(torch.float8_e4m3fn)
     with pytest.raises(ValueError, match="float8_e4m3fn"):
         hf.tritonmoe_experts_forward(experts, x_TH, idx_TK, w_TK)
+
+
+def test_package_works_without_transformers():
+    """transformers is a test dependency only: with it unimportable, the model, checkpoint I/O and converter
+    import and run, and register() says what to install."""
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["transformers"] = None  # any import of it raises ImportError
+        import torch
+        from tritonmoe.dsv3 import DeepseekV3Config, DeepseekV3ForCausalLM, checkpoint, convert, hf
+        model = DeepseekV3ForCausalLM(DeepseekV3Config.from_hf("tiny"))
+        ids = torch.randint(0, 256, (1, 6))
+        model(ids, labels=ids).loss.backward()
+        try:
+            hf.register()
+        except ImportError as e:
+            assert "pip install" in str(e), e
+            print("ok")
+    """)
+    env = {"TRITON_INTERPRET": "0", "PATH": "/usr/bin:/bin"}  # the PyTorch twins: no interpreter needed here
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
