@@ -126,8 +126,10 @@ def grouped_mm_wgrad_kernel(
     # Clamped to M so that sizes overrunning M never read past the end of dy or x.
     row_end = tl.minimum(row_start + tl.maximum(tl.load(group_sizes_ptr + g).to(tl.int64), 0), M)
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    # int64 columns too: a transposed dy or x (stride M along N or K, which the autograd path can pass)
+    # makes n * stride_dyn reach N * M, past 2^31 at M = 300K rows (DeepSeek-V3 gate/up, T >= 37,450).
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
     mask_n = offs_n < N
     mask_k = offs_k < K
     offs_r = tl.arange(0, BLOCK_M)
@@ -147,6 +149,5 @@ def grouped_mm_wgrad_kernel(
         acc = tl.dot(dy_t, xt, acc, input_precision=INPUT_PRECISION)
 
     # g * stride_dwg reaches G*N*K = 7.5e9 for DeepSeek-V3 gate/up: int64.
-    dw_ptrs = (dw_ptr + g.to(tl.int64) * stride_dwg + offs_n[:, None].to(tl.int64) * stride_dwn
-               + offs_k[None, :] * stride_dwk)
+    dw_ptrs = dw_ptr + g.to(tl.int64) * stride_dwg + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_k[None, :])

@@ -11,7 +11,8 @@ Neither kernel needs the group sizes on the host: each program derives its (grou
 the device (see _grouped_gemm_kernels.py), so the forward has no device-to-host sync.
 
 Backends: CUDA tensors run the compiled kernels, autotuned over ``forward_configs()`` / ``wgrad_configs()``
-keyed on (N, K); ``TRITONMOE_GEMM_CONFIG="BM,BN,BK,warps,stages"`` pins one config for both kernels (for the
+(per dtype) keyed on (N, K) and a power-of-two bucket of rows per group;
+``TRITONMOE_GEMM_CONFIG="BM,BN,BK,warps,stages"`` pins one config for both kernels (for the
 weight gradient BM is the reduction step and BN x BK the output tile). CPU tensors run the same kernels in
 Triton's interpreter when ``TRITON_INTERPRET=1``, else the plain-PyTorch twin ``grouped_gemm_torch``.
 The ops are registered with ``torch.library`` (fake + autograd), so they trace under ``torch.compile``.
@@ -43,12 +44,16 @@ class GemmConfig(NamedTuple):
     num_stages: int
 
 
-def forward_configs() -> list[GemmConfig]:
+def forward_configs(dtype: torch.dtype = torch.bfloat16, input_precision: str = "tf32") -> list[GemmConfig]:
     """Candidates for grouped_mm_kernel (forward and dX) on Hopper, for DeepSeek-V3's shapes: K=7168 -> N=4096
     (fused gate/up), K=2048 -> N=7168 (down), ~R/E = 512 rows per expert at 16K tokens, fewer at 256 experts
     and small batches. BLOCK_M 64/128 x BLOCK_N 128/256 are wgmma's native 64xN tiles; BLOCK_K 64 is one
     128-byte swizzled bf16 row. 128x256 with 8 warps (two warpgroups, 128 accumulator registers a thread)
-    is the large-GEMM shape; 64-row tiles waste less on the ragged last tile of small groups."""
+    is the large-GEMM shape; 64-row tiles waste less on the ragged last tile of small groups.
+
+    fp32 operands take twice the shared memory a tile: see _fp32_configs."""
+    if dtype == torch.float32:
+        return _fp32_configs(input_precision, wgrad=False)
     return [
         GemmConfig(128, 256, 64, 8, 3),  # 144 KiB smem: big groups, N=4096/7168
         GemmConfig(128, 128, 64, 8, 4),  # 128 KiB smem: more CTAs when G * tiles is small
@@ -58,16 +63,36 @@ def forward_configs() -> list[GemmConfig]:
     ]
 
 
-def wgrad_configs() -> list[GemmConfig]:
+def wgrad_configs(dtype: torch.dtype = torch.bfloat16, input_precision: str = "tf32") -> list[GemmConfig]:
     """Candidates for grouped_mm_wgrad_kernel: output tile BLOCK_N x BLOCK_K of dW[g] ([N, K] = [4096, 7168]
     or [7168, 2048]), reducing over the group's rows 64 at a time; 256 groups x 512 rows means short
     reductions, so the output tile is kept large and pipelining deep enough to cover the few iterations."""
+    if dtype == torch.float32:
+        return _fp32_configs(input_precision, wgrad=True)
     return [
         GemmConfig(64, 128, 256, 8, 3),  # 144 KiB smem, two warpgroups
         GemmConfig(64, 128, 128, 8, 4),  # 128 KiB smem
         GemmConfig(64, 128, 128, 4, 4),  # one warpgroup
         GemmConfig(64, 256, 128, 8, 3),  # wide N tile for N=7168 (down projection's dW)
     ]
+
+
+def _fp32_configs(input_precision: str, wgrad: bool) -> list[GemmConfig]:
+    """fp32 operands on Hopper (sm_90a compile reports, Triton 3.9, in bench/NOTES.md).
+
+    tf32 (torch.set_float32_matmul_precision("high")): the 16-bit tiles with BLOCK_K halved, the same bytes of
+    shared memory per stage; the 16-bit lists as they are need 192-288 KiB, past the 227 KiB an H100 CTA gets,
+    so every weight-gradient config failed to launch. "ieee" (torch's default "highest") cannot use wgmma and
+    runs on FMA: small tiles, because the 64-256-wide 16-bit tiles spill 13-19 KB a thread there."""
+    if input_precision != "ieee":
+        if wgrad:
+            return [GemmConfig(64, 128, 128, 8, 3), GemmConfig(64, 128, 64, 8, 4), GemmConfig(64, 128, 64, 4, 4),
+                    GemmConfig(32, 128, 128, 8, 3)]
+        return [GemmConfig(128, 256, 32, 8, 3), GemmConfig(128, 128, 32, 8, 4), GemmConfig(128, 128, 32, 4, 4),
+                GemmConfig(64, 256, 32, 4, 3), GemmConfig(64, 128, 32, 4, 4)]
+    if wgrad:
+        return [GemmConfig(32, 64, 32, 4, 2), GemmConfig(32, 64, 64, 4, 2)]
+    return [GemmConfig(32, 64, 32, 4, 2), GemmConfig(64, 64, 16, 4, 2)]
 
 
 # Small tiles under the interpreter: every program runs in Python, and tests use tiny shapes.
@@ -88,10 +113,11 @@ def _pinned_config() -> GemmConfig | None:
     return cfg
 
 
-def sm90_compile_jobs(dtype: torch.dtype = torch.bfloat16) -> list:
+def sm90_compile_jobs(dtype: torch.dtype = torch.bfloat16, input_precision: str = "tf32") -> list:
     """One ``_sm90.Sm90Job`` per (kernel, layout, config) this family can launch on Hopper: the forward
     (b = w, K-major), the input gradient (b = w.transpose(1, 2), N-major) and the weight gradient, each over
-    its config list. Specialised like a launch with DeepSeek-V3 shapes: unit strides are constants, pointers,
+    its config list for `dtype` and `input_precision` (what _launch would pick). Specialised like a launch
+    with DeepSeek-V3 shapes: unit strides are constants, pointers,
     N, K and the other strides are multiples of 16; M and G are left unaligned. For tests/test_sm90_compile.py
     and the benchmarks' notes."""
     from ._sm90 import Sm90Job
@@ -104,7 +130,7 @@ def sm90_compile_jobs(dtype: torch.dtype = torch.bfloat16) -> list:
         sig |= {n: "constexpr" for n in (*unit_strides, *meta, *extra)}
         consts = {n: 1 for n in unit_strides} | dict(BLOCK_G=256, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                                                       BLOCK_K=cfg.block_k, UPCAST=False,
-                                                      INPUT_PRECISION="tf32") | extra
+                                                      INPUT_PRECISION=input_precision) | extra
         # Order the signature like the kernel's arguments.
         sig = {n: sig[n] for n in kernel.arg_names}
         aligned = [n for n, t in sig.items() if t != "constexpr" and n not in ("M", "G")]
@@ -114,12 +140,12 @@ def sm90_compile_jobs(dtype: torch.dtype = torch.bfloat16) -> list:
     jobs = []
     for layout, units in (("fwd", ("stride_ak", "stride_bk", "stride_on")),
                           ("dgrad", ("stride_ak", "stride_bn", "stride_on"))):
-        for cfg in forward_configs():
+        for cfg in forward_configs(dtype, input_precision):
             ints = ["M", "N", "K", "G", *(s for s in strides if s not in units)]
             jobs.append((layout, cfg, job(grouped_mm_kernel, ("a_ptr", "b_ptr", "out_ptr"), ints, units, cfg,
                                           SWIZZLE_M=SWIZZLE_M)))
     units = ("stride_dyn", "stride_xk", "stride_dwk")
-    for cfg in wgrad_configs():
+    for cfg in wgrad_configs(dtype, input_precision):
         ints = ["M", "N", "K", "G", "stride_dym", "stride_xm", "stride_dwg", "stride_dwn"]
         jobs.append(("wgrad", cfg, job(grouped_mm_wgrad_kernel, ("dy_ptr", "x_ptr", "dw_ptr"), ints, units, cfg)))
     return jobs
@@ -145,20 +171,29 @@ def _check_interpreter_kernel(kernel) -> None:
 _AUTOTUNED: dict = {}
 
 
-def _autotuned(kernel, configs: list[GemmConfig]):
-    """Wrap `kernel` in triton.autotune over `configs`, keyed on (N, K) only: M changes every step with
-    routing and must not trigger re-tuning."""
-    key = (kernel, tuple(configs))
-    if key not in _AUTOTUNED:
-        _AUTOTUNED[key] = triton.autotune(
+def _rows_bucket(M: int, G: int) -> int:
+    """Rows per group rounded up to a power of two in [64, 8192]: the autotuning bucket. Host-side shapes
+    only, no sync."""
+    return min(max(triton.next_power_of_2(max(M // max(G, 1), 1)), 64), 8192)
+
+
+def _autotuned(kernel, configs: list[GemmConfig], key: list[str], bucket: int):
+    """triton.autotune over `configs`, keyed on `key` (shape and layout arguments; Triton adds the dtypes),
+    one tuner per rows-per-group bucket. M itself changes every step with routing and must not trigger
+    re-tuning, but the best tile differs between 128 and 8192 rows per group: a single tuner keyed on (N, K)
+    would keep whatever won on the first batch it saw (in the benchmark sweep, the smallest case)."""
+    cache_key = (kernel, tuple(configs), tuple(key), bucket)
+    if cache_key not in _AUTOTUNED:
+        _AUTOTUNED[cache_key] = triton.autotune(
             configs=[triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k},
                                    num_warps=c.num_warps, num_stages=c.num_stages) for c in configs],
-            key=["N", "K"],
+            key=key,
         )(kernel)
-    return _AUTOTUNED[key]
+    return _AUTOTUNED[cache_key]
 
 
-def _launch(kernel, configs: list[GemmConfig], grid_fn, args: tuple, interpret: bool, **constexprs) -> None:
+def _launch(kernel, configs_fn, key: list[str], grid_fn, args: tuple, dtype: torch.dtype, bucket: int,
+            interpret: bool, **constexprs) -> None:
     pinned = _pinned_config()
     if interpret:
         _check_interpreter_kernel(kernel)
@@ -168,7 +203,8 @@ def _launch(kernel, configs: list[GemmConfig], grid_fn, args: tuple, interpret: 
         return
     # Follows torch's own fp32 matmul setting: "highest" (torch's default) keeps full fp32 products.
     precision = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-    tuned = _autotuned(kernel, [pinned] if pinned else configs)
+    configs = [pinned] if pinned else configs_fn(dtype, precision)
+    tuned = _autotuned(kernel, configs, key, 0 if pinned else bucket)
     tuned[grid_fn](*args, **constexprs, UPCAST=False, INPUT_PRECISION=precision)
 
 
@@ -190,10 +226,12 @@ def _grouped_mm_launch(a: torch.Tensor, b: torch.Tensor, group_sizes: torch.Tens
         return out.zero_()
     group_sizes = group_sizes.contiguous()  # G integers; the kernels read them as one vector
     grid = lambda meta: ((triton.cdiv(M, meta["BLOCK_M"]) + G) * triton.cdiv(N, meta["BLOCK_N"]),)
-    _launch(grouped_mm_kernel, forward_configs(), grid,
+    # stride_bk in the key: the forward (w, K-major) and the input gradient (w.transpose(1, 2)) of one shape
+    # are different GEMMs to tune; it is 1 for the first and the weight's row length for the second.
+    _launch(grouped_mm_kernel, forward_configs, ["N", "K", "stride_bk"], grid,
             (a, b, out, group_sizes, M, N, K, G, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
              b.stride(2), out.stride(0), out.stride(1)),
-            _interpreting(a), BLOCK_G=_block_g(G), SWIZZLE_M=SWIZZLE_M)
+            a.dtype, _rows_bucket(M, G), _interpreting(a), BLOCK_G=_block_g(G), SWIZZLE_M=SWIZZLE_M)
     return out
 
 
@@ -212,10 +250,10 @@ def _grouped_mm_wgrad_launch(dy: torch.Tensor, x: torch.Tensor, group_sizes: tor
         return out.zero_()
     group_sizes = group_sizes.contiguous()  # G integers; the kernels read them as one vector
     grid = lambda meta: (G * triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]),)
-    _launch(grouped_mm_wgrad_kernel, wgrad_configs(), grid,
+    _launch(grouped_mm_wgrad_kernel, wgrad_configs, ["N", "K"], grid,
             (dy, x, out, group_sizes, M, N, K, G, dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
              out.stride(0), out.stride(1), out.stride(2)),
-            _interpreting(x), BLOCK_G=_block_g(G))
+            x.dtype, _rows_bucket(M, G), _interpreting(x), BLOCK_G=_block_g(G))
     return out
 
 

@@ -225,3 +225,50 @@ def test_twin_empty_and_zero_rows():
     assert y.shape == (0, 5)
     y.sum().backward()
     assert torch.equal(w.grad, torch.zeros_like(w))
+
+
+
+class _RecordingTuner:
+    """Stands in for triton.autotune(...)(kernel): records the launch instead of compiling."""
+
+    def __init__(self, log, kernel, configs, key, bucket):
+        self.log, self.entry = log, dict(kernel=kernel, configs=list(configs), key=tuple(key), bucket=bucket)
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.log.append(self.entry | dict(dtype=args[0].dtype,
+                                                                      precision=kw["INPUT_PRECISION"]))
+
+
+def test_compiled_path_config_choice(monkeypatch):
+    # The CUDA branch of _launch cannot run here; record what it hands triton.autotune. fp32 under torch's
+    # default "highest" gets the FMA tiles and under "high" the tf32 ones (the 16-bit lists overflow an
+    # H100's shared memory in fp32); every rows-per-group bucket tunes on its own; a pin is one config.
+    log = []
+    monkeypatch.setattr(gg_module, "_autotuned", lambda *a: _RecordingTuner(log, *a))
+    monkeypatch.setattr(gg_module, "_interpreting", lambda t: False)
+    saved = torch.get_float32_matmul_precision()
+    try:
+        for precision in ("highest", "high"):
+            torch.set_float32_matmul_precision(precision)
+            for dtype in (torch.bfloat16, torch.float32):
+                for sizes in (torch.tensor([100, 0, 60]), torch.tensor([5000, 0, 1000])):  # 53 / 2000 rows a group
+                    x, w = torch.empty(int(sizes.sum()), 16, dtype=dtype), torch.empty(3, 8, 16, dtype=dtype)
+                    _grouped_mm_launch(x, w, sizes)
+                    _grouped_mm_wgrad_launch(torch.empty(x.shape[0], 8, dtype=dtype), x, sizes, 3)
+        monkeypatch.setenv(gg_module.CONFIG_ENV, "64,64,32,4,2")
+        _grouped_mm_launch(x, w, sizes)
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    *tuned, pinned = log
+    assert len(tuned) == 16 and {e["bucket"] for e in tuned} == {64, 2048}
+    for e in tuned:
+        wgrad = e["key"] == ("N", "K")
+        precision = "ieee" if e["dtype"] == torch.float32 and e in tuned[:8] else "tf32"
+        if e["dtype"] == torch.float32:
+            assert e["precision"] == precision
+        configs_fn = gg_module.wgrad_configs if wgrad else gg_module.forward_configs
+        assert e["configs"] == configs_fn(e["dtype"], e["precision"]), e
+        assert wgrad or e["key"] == ("N", "K", "stride_bk")
+    assert gg_module.forward_configs(torch.float32, "ieee") != gg_module.forward_configs(torch.float32, "tf32")
+    assert gg_module.forward_configs(torch.float32, "tf32") != gg_module.forward_configs(torch.bfloat16)
+    assert pinned["configs"] == [gg_module.GemmConfig(64, 64, 32, 4, 2)] and pinned["bucket"] == 0
