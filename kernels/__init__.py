@@ -5,8 +5,30 @@ kernels through Triton's interpreter when ``TRITON_INTERPRET=1`` (the test suite
 plain-PyTorch twin ``<op>_torch`` otherwise.
 """
 
-from .grouped_gemm import grouped_gemm, grouped_gemm_torch
-from .permute import permute, permute_torch, unpermute, unpermute_torch
+import importlib
+import sys
+
+
+def _installed_self():
+    """tritonmoe.kernels, when this folder is being imported under another name (else None)."""
+    if __name__ == "tritonmoe.kernels":
+        return None
+    try:
+        return importlib.import_module("tritonmoe.kernels")
+    except ImportError:
+        return None
+
+
+if (_installed := _installed_self()) is not None:
+    # Imported as top-level `kernels`: the repo root is on sys.path (pytest's pythonpath, `python -m bench`
+    # run from the root) and something probed for Hugging Face's `kernels` -- transformers imports it to read
+    # a version. Running these modules a second time would re-register the tritonmoe:: torch.library ops
+    # with the copy's functions (so patching tritonmoe.kernels.grouped_gemm no longer reached the op), so
+    # the name becomes an alias of the installed package instead.
+    sys.modules[__name__] = _installed
+else:
+    from .grouped_gemm import grouped_gemm, grouped_gemm_torch
+    from .permute import permute, permute_torch, unpermute, unpermute_torch
 
 __all__ = [
     "grouped_gemm",
