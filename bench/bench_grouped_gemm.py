@@ -121,12 +121,14 @@ def _providers(pas: str, device: torch.device, sets: list[dict[str, Any]], w: to
             "loop": (lambda x: _loop_fwd(x, w, bounds), [(s["x"],) for s in sets], torch_backend),
             "dense": (lambda x: torch.mm(x, w_dense.t()), [(s["x"],) for s in sets], torch_backend),
         }
-    # Gradients of ours go through its autograd Function: one forward graph per buffer set, kept alive,
-    # and only the requested input's gradient asked for (so a dgrad run does not pay for wgrad).
-    w_req = w.detach().requires_grad_(True)
+    # Gradients of ours go through its autograd Function: one forward graph per buffer set, kept alive, in
+    # which only the timed pass's input requires grad. Asking autograd.grad for one input is not enough: a
+    # custom op's backward sees ctx.needs_input_grad from the forward, so a graph with x and w both
+    # requiring grad would time dgrad + wgrad in each pass.
+    w_req = w.detach().requires_grad_(pas == "wgrad")
     graphs = []
     for s in sets:
-        x_req = s["x"].detach().requires_grad_(True)
+        x_req = s["x"].detach().requires_grad_(pas == "dgrad")
         graphs.append((ours_fn(x_req, w_req, sizes), x_req, s["dy"]))
     if pas == "dgrad":
         return {

@@ -57,6 +57,29 @@ def test_moe_forward(benchmark):
     assert_close(y, ref, 1e-5, what="tritonmoe MoE vs transformers eager")
 
 
+def test_gemm_gradient_passes_time_one_kernel_each(monkeypatch):
+    # A custom op's backward computes every gradient whose input required grad in the forward, whatever
+    # autograd.grad asks for: the dgrad and wgrad timings must each run on a graph that launches only their
+    # own kernel. Ours is the interpreted Triton op here, as it is the compiled one on CUDA.
+    import importlib
+
+    gg = importlib.import_module("tritonmoe.kernels.grouped_gemm")
+    calls = []
+    for name in ("_grouped_mm_launch", "_grouped_mm_wgrad_launch"):
+        launch = getattr(gg, name)
+        monkeypatch.setattr(gg, name, lambda *a, _n=name, _f=launch, **k: calls.append(_n) or _f(*a, **k))
+    monkeypatch.setattr(common, "ours_op", lambda name, device: (gg.grouped_gemm, "triton (interpreter)"))
+    sizes, w = torch.tensor([3, 5]), torch.randn(2, 8, 16)
+    sets = [{"x": torch.randn(8, 16), "dy": torch.randn(8, 8)}]
+    offs = torch.cumsum(sizes, 0).int()
+    for pas, kernel in (("dgrad", "_grouped_mm_launch"), ("wgrad", "_grouped_mm_wgrad_launch")):
+        fn, arg_sets, _ = bench_grouped_gemm._providers(pas, torch.device("cpu"), sets, w, torch.randn(8, 16),
+                                                        sizes, offs, [(0, 3), (3, 8)])["ours"]
+        calls.clear()
+        fn(*arg_sets[0])
+        assert calls == [kernel], (pas, calls)
+
+
 def test_group_sizes_distributions():
     assert bench_grouped_gemm.group_sizes_for(32, 100, "balanced") == [100] * 32
     z = bench_grouped_gemm.group_sizes_for(32, 100, "zipf")
