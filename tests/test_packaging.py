@@ -30,3 +30,16 @@ def test_non_editable_install_adds_only_the_tritonmoe_namespace(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
                          cwd=tmp_path, env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
     assert str(target) in out.stdout
+
+
+def test_bare_kernels_name_from_a_checkout_is_the_installed_module():
+    # From a checkout the repo root is on sys.path (`python -m bench`, torchrun run there), and transformers
+    # probes for Hugging Face's `kernels` by importing it. Our folder must not run a second time under that
+    # name: a second copy re-registers the tritonmoe:: torch ops with functions tritonmoe.kernels never sees.
+    code = ("import sys, kernels, tritonmoe.kernels as ours\n"
+            "assert kernels is ours, kernels\n"
+            "assert 'kernels.grouped_gemm' not in sys.modules\n"
+            "from transformers.utils import import_utils\n"
+            "assert not import_utils.is_kernels_available()\n")
+    pytest.importorskip("transformers")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True, text=True)
