@@ -97,10 +97,9 @@ class Router(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        with torch.no_grad():
-            self.weight.normal_(0.0, self.std)
-            self.e_score_correction_bias.zero_()
-            self.tokens_per_expert.zero_()
+        from .model import init_module_weights  # the model's one init rule (model.py imports this module)
+
+        init_module_weights(self, self.std)
 
     def _apply(self, fn, recurse=True):
         # model.to(bf16) must not round the bias: its updates (1e-3) are below bf16 resolution near 1.
@@ -171,9 +170,9 @@ class GroupedExperts(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        with torch.no_grad():
-            self.gate_up_proj.normal_(0.0, self.std)
-            self.down_proj.normal_(0.0, self.std)
+        from .model import init_module_weights  # the model's one init rule (model.py imports this module)
+
+        init_module_weights(self, self.std)
 
     def forward(self, x_RH: torch.Tensor, group_sizes_L: torch.Tensor) -> torch.Tensor:
         w13_L2IH, w2_LHI = _local(self.gate_up_proj), _local(self.down_proj)
@@ -212,10 +211,9 @@ class MoE(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        self.gate.reset_parameters()
-        self.experts.reset_parameters()
-        if self.shared_experts is not None:
-            init_linears_(self.shared_experts, self.std)
+        from .model import init_module_weights  # the model's one init rule (model.py imports this module)
+
+        init_module_weights(self, self.std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.hidden_size:
@@ -226,16 +224,6 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y_TH = y_TH + self.shared_experts(x_TH)
         return y_TH.view(x.shape)
-
-
-def init_linears_(module: nn.Module, std: float) -> None:
-    """transformers' init for DeepSeek-V3: every Linear weight ~ N(0, std), biases zero."""
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.Linear):
-                m.weight.normal_(0.0, std)
-                if m.bias is not None:
-                    m.bias.zero_()
 
 
 def routers(model: nn.Module) -> list[Router]:
@@ -269,4 +257,4 @@ def update_expert_bias(model: nn.Module, group=None, rate: float | None = None) 
 
 
 __all__ = ["MoE", "Router", "GroupedExperts", "LocalDispatcher", "MLP", "AddAuxiliaryLoss",
-           "sequence_balance_loss", "update_expert_bias", "routers", "init_linears_"]
+           "sequence_balance_loss", "update_expert_bias", "routers"]
