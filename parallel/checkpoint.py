@@ -163,13 +163,38 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module,
     return dict(state["train"])
 
 
+def _check_model_entries(path: Path, sd: dict, strict: bool) -> None:
+    """Compare the checkpoint's "model" entries with the model's state dict (global shapes) before reading any
+    tensor: one error naming the mismatched, missing and (strict) unexpected keys, instead of DCP's per-rank
+    tracebacks."""
+    try:
+        md = dcp.FileSystemReader(str(path)).read_metadata()
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"cannot read checkpoint metadata of {path}: {_reason(e)}") from e
+    stored = {k.removeprefix("model."): m for k, m in md.state_dict_metadata.items() if k.startswith("model.")}
+    if not stored:
+        raise CheckpointError(f"{path} holds no model weights (no 'model' entry)")
+    problems = [f"{k}: {tuple(stored[k].size)} in the checkpoint, {tuple(v.shape)} in the model"
+                for k, v in sd.items() if isinstance(v, torch.Tensor) and k in stored
+                and hasattr(stored[k], "size") and tuple(stored[k].size) != tuple(v.shape)]
+    if strict:
+        problems += [f"{k}: missing from the checkpoint" for k in sd if k not in stored]
+        problems += [f"{k}: in the checkpoint, not in the model" for k in stored if k not in sd]
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise CheckpointError(f"{path} does not fit this model: " + "; ".join(problems[:5]) + more)
+
+
 def load_model_weights(model: nn.Module, dcp_dir: str | os.PathLike, strict: bool = True) -> nn.Module:
     """Load only the "model" entry of a DCP checkpoint (a full training checkpoint or a weights-only one
     from the converter) into `model`, whatever its sharding: plain, EP DTensors, FSDP. Works with or without
-    an initialised process group. strict=False tolerates keys missing from the checkpoint."""
+    an initialised process group. Global shapes are checked against the checkpoint first (CheckpointError
+    naming the keys); strict (default) also requires the same keys, strict=False tolerates keys missing from
+    the checkpoint and extra ones in it."""
     path = Path(dcp_dir)
     _check_readable(path)
     sd = get_model_state_dict(model)
+    _check_model_entries(path, sd, strict)
     try:
         dcp.load({"model": sd}, checkpoint_id=str(path),
                  planner=dcp.DefaultLoadPlanner(allow_partial_load=not strict))

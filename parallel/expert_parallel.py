@@ -111,8 +111,10 @@ def apply_expert_parallel(model: nn.Module, mesh) -> nn.Module:
     """Shard every MoE layer's experts over the "ep" mesh and install the EP dispatcher, in place.
 
     `mesh` is the 2-D ("edp", "ep") expert mesh, a 1-D ep mesh, or the `Meshes` from `build_meshes`.
-    Rank j of the ep group keeps experts [j*E/ep, (j+1)*E/ep) of the weights rank 0 holds (distribute_tensor
-    scatters from rank 0, so every rank ends up with the same global experts).
+    Rank j of the ep group keeps experts [j*E/ep, (j+1)*E/ep). On a built model, of the weights rank 0 holds
+    (distribute_tensor scatters from rank 0, so every rank ends up with the same global experts). On a model
+    built on the meta device there is nothing to scatter: each rank takes its own meta slice, without
+    communication, and fills it after `to_empty` (parallel.init_sharded_ or a checkpoint load).
     """
     ep_mesh = _ep_mesh(mesh)
     ep = ep_mesh.size()
@@ -129,7 +131,8 @@ def apply_expert_parallel(model: nn.Module, mesh) -> nn.Module:
             if p.shape[0] % ep:
                 raise ValueError(f"expert-parallel degree ep={ep} does not divide the {p.shape[0]} experts "
                                  f"of parameter {pname}")
-            sharded = distribute_tensor(p.detach(), ep_mesh, [Shard(0)])
+            # src_data_rank=None: every rank cuts its own chunk, no scatter (a meta tensor has nothing to send)
+            sharded = distribute_tensor(p.detach(), ep_mesh, [Shard(0)], src_data_rank=None if p.is_meta else 0)
             experts.register_parameter(pname, nn.Parameter(sharded, requires_grad=p.requires_grad))
         moe.dispatcher = ExpertParallelDispatcher(ep_mesh)
     return model

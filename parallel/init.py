@@ -1,0 +1,81 @@
+"""Initialization of a parallelized model built on the meta device: each rank fills only its own shards, and the
+values are the same global tensors for every world size and EP degree.
+
+In: a model whose parameters are plain tensors or DTensors (expert parallelism, FSDP2) already materialized by
+`model.to_empty(device=...)`, a seed, and the model's init rule (`rule(name)` -> an object with
+`fill_(tensor, generator)`; dsv3's `DeepseekV3ForCausalLM.init_rule`). parallel never imports dsv3: the rule
+comes from the model, routed experts are found by duck typing (`find_moe_layers`).
+Out: every parameter and buffer set in place, nothing left on the meta device.
+
+Values depend only on (seed, name, global position), never on the layout:
+- a routed-expert weight [E, ...] is drawn per expert e from a generator seeded by (seed, name, e), for the
+  experts this rank's shard covers only: no rank ever builds a full expert stack (at 671B one layer's
+  stack is 256 x 44M parameters);
+- every other parameter (dense: attention, embeddings, norms, router, shared experts) is drawn whole on this
+  rank's device from a generator seeded by (seed, name) and cut to the local shard, so the transient memory
+  is bounded by the largest dense tensor (the 129280 x 7168 embedding at 671B: 3.7 GB in fp32);
+- buffers are never sharded and are filled whole the same way.
+The generators are on the parameters' device, so values agree between layouts on the same device type (CPU
+and CUDA streams differ).
+"""
+
+import hashlib
+import itertools
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+from .expert_parallel import find_moe_layers
+
+
+def _generator(device: torch.device, seed: int, name: str, index: int | None = None) -> torch.Generator:
+    """A generator seeded by (seed, name[, index]) through a stable hash (Python's hash() is salted per
+    process, so ranks would disagree)."""
+    key = f"{seed}/{name}" if index is None else f"{seed}/{name}/{index}"
+    g = torch.Generator(device=device)
+    g.manual_seed(int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1)
+    return g
+
+
+def local_rows(p: torch.Tensor) -> list[int]:
+    """The global dim-0 indices of the rows this rank holds of `p`, in local order.
+
+    For a DTensor sharded on dim 0 only (EP's Shard(0) over "ep", FSDP2's Shard(0) / _StridedShard(0) over
+    "edp" or the dense mesh, uneven or empty shards included): the local part of an index vector distributed
+    with the same placements, each rank keeping its own chunk (src_data_rank=None: no communication). A plain
+    tensor holds every row.
+    """
+    if not isinstance(p, DTensor):
+        return list(range(p.shape[0]))
+    for placement in p.placements:
+        if isinstance(placement, Shard) and placement.dim != 0:
+            raise ValueError(f"local_rows: only dim-0 sharding is supported, got placements {p.placements}")
+    index = torch.arange(p.shape[0], device=p.device_mesh.device_type)
+    return distribute_tensor(index, p.device_mesh, p.placements, src_data_rank=None).to_local().tolist()
+
+
+@torch.no_grad()
+def init_sharded_(model: nn.Module, seed: int, rule=None) -> nn.Module:
+    """Fill every parameter's local shard and every buffer of `model` by `rule` (default `model.init_rule`),
+    as described in the module docstring. Collective-free; call on every rank after `to_empty`."""
+    rule = rule if rule is not None else getattr(model, "init_rule", None)
+    if rule is None:
+        raise ValueError(f"init_sharded_: {type(model).__name__} has no init_rule(name); pass rule=")
+    experts = {id(p) for _, moe in find_moe_layers(model) for p in moe.experts.parameters(recurse=False)}
+    for name, p in itertools.chain(model.named_parameters(), model.named_buffers()):
+        local = p.to_local() if isinstance(p, DTensor) else p
+        if local.is_meta:
+            raise ValueError(f"init_sharded_: {name} is on the meta device; call model.to_empty(device=...) first")
+        fill = rule(name)
+        if id(p) in experts:
+            for i, e in enumerate(local_rows(p)):
+                row = torch.empty(p.shape[1:], dtype=local.dtype, device=local.device)
+                local[i].copy_(fill.fill_(row, generator=_generator(local.device, seed, name, e)))
+            continue
+        full = fill.fill_(torch.empty(p.shape, dtype=local.dtype, device=local.device),
+                          generator=_generator(local.device, seed, name))
+        if isinstance(p, DTensor):
+            full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
+        local.copy_(full)
+    return model
