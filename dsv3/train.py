@@ -1,12 +1,21 @@
 """Training example: DeepSeek-V3 (MLA + MoE + MTP) with FSDP2 + expert parallelism, exact resume.
 
     torchrun --nproc_per_node=N -m tritonmoe.dsv3.train [--preset tiny] [--ep E] [--steps S] [--out DIR] ...
+    torchrun ... -m tritonmoe.dsv3.train --init-from DCP_DIR ...   (start from `convert hf2dcp` weights)
     python -m tritonmoe.dsv3.train ...          (one process, world size 1)
 
 With no arguments on a machine without GPUs: the `tiny` preset, byte-level on the Python standard library's
 .py sources (data.py), gloo, EP = gcd(world, experts) (= min(world, experts) whenever one divides the
 other). With GPUs: NCCL, one GPU per rank, bf16 compute with fp32 master weights, fp32 routers and fp32 gradient
 reduction (--mixed-precision auto; `--mixed-precision bf16` runs the same dtype flow on CPU).
+
+The model is built on the meta device, parallelized (experts Shard(0) over "ep", FSDP2 over the rest), then
+materialized with to_empty: no rank ever holds more than its shards (plus, transiently, the largest dense
+tensor). Each rank then fills its shards by the model's init rule with values seeded by (seed, parameter
+name, expert index), so the initial global weights are the same for every world size and EP degree
+(parallel/init.py); or, with --init-from DIR, loads a weights-only DCP checkpoint (`convert hf2dcp` output,
+or a training checkpoint's step_XXXXXXXX) resharded to this layout; the config then comes from
+DIR/config.json unless --preset is given.
 
 Per step s (numbered from 1): the global batch of --batch-size sequences is a function of (seed, s) only and
 is split across the data-parallel ranks; forward + backward; gradient clipping by the global norm over dense
@@ -36,7 +45,8 @@ import torch
 import torch.distributed as dist
 
 from ..parallel import (CheckpointError, apply_expert_parallel, apply_fsdp, build_meshes, check_ep_degree,
-                        clip_grad_norm_, latest_checkpoint, load_checkpoint, local_device, save_checkpoint)
+                        clip_grad_norm_, init_sharded_, latest_checkpoint, load_checkpoint, load_model_weights,
+                        local_device, save_checkpoint)
 from .config import PRESETS, DeepseekV3Config
 from .data import batch, load_corpus
 from .moe import update_expert_bias
@@ -49,7 +59,11 @@ class NonFiniteLossError(RuntimeError):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="torchrun --nproc_per_node=N -m tritonmoe.dsv3.train",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="tiny", help=f"model preset ({', '.join(PRESETS)}) or a config.json path")
+    p.add_argument("--preset", default=None, help=f"model preset ({', '.join(PRESETS)}) or a config.json path "
+                   "(default: DIR/config.json with --init-from DIR, else tiny)")
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help="start from the weights of a DCP checkpoint: `convert hf2dcp` output or a training "
+                        "checkpoint's step_XXXXXXXX folder (any world size / EP degree)")
     p.add_argument("--ep", type=int, default=None, help="expert-parallel degree (default gcd(world, experts))")
     p.add_argument("--steps", type=int, default=200, help="train steps 1..STEPS")
     p.add_argument("--batch-size", type=int, default=16, help="global batch in sequences, split over ranks")
@@ -140,10 +154,26 @@ def _check_args(args, cfg: DeepseekV3Config, world: int) -> int:
     return ep
 
 
-def _load_config(preset: str) -> DeepseekV3Config:
+def _load_config(preset: str | None, init_from: str | None) -> DeepseekV3Config:
+    if init_from is not None and not Path(init_from).is_dir():
+        raise CheckpointError(f"--init-from {init_from} does not exist (or is not a folder)")
+    if preset is None and init_from is not None:
+        config = Path(init_from) / "config.json"
+        if not config.is_file():
+            raise ValueError(f"--init-from {init_from} has no config.json (`convert hf2dcp` writes one; a training "
+                             "checkpoint has none): pass --preset with the model's preset or config.json")
+        return DeepseekV3Config.from_hf(config)
+    preset = "tiny" if preset is None else preset
     if preset not in PRESETS and not Path(preset).exists():
         raise ValueError(f"unknown --preset {preset!r}: use one of {', '.join(PRESETS)} or a config.json path")
     return DeepseekV3Config.from_hf(preset)
+
+
+def _run_name(args) -> str:
+    """The folder name of a run without --out: the preset's, or the --init-from folder's."""
+    if args.preset is None and args.init_from is not None:
+        return Path(args.init_from).resolve().name
+    return Path(args.preset or "tiny").stem
 
 
 def _param_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
@@ -154,15 +184,25 @@ def _param_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | No
 
 
 def _build_model(cfg: DeepseekV3Config, seed: int, ep: int, device: torch.device,
-                 param_dtype: torch.dtype | None):
+                 param_dtype: torch.dtype | None, init_from: str | None = None):
+    """Meta-device build -> expert parallelism + FSDP2 on the meta model -> to_empty (each rank allocates its
+    shards only) -> fill them: from --init-from's checkpoint, else by the model's init rule with values that
+    depend on (seed, name, expert index) only, not on the layout."""
     from .model import DeepseekV3ForCausalLM
 
-    torch.manual_seed(seed)  # identical initial weights on every rank and for every layout
-    model = DeepseekV3ForCausalLM(cfg).to(device)
+    torch.manual_seed(seed)  # the same RNG state on every rank and for every layout
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(cfg)
     meshes = build_meshes(ep, cfg.n_routed_experts or None)
     if ep > 1:
         apply_expert_parallel(model, meshes.expert)
     apply_fsdp(model, meshes.dense, meshes.expert, param_dtype=param_dtype)
+    model.to_empty(device=device)
+    # Also with --init-from: the non-persistent buffers (token counters) are in no checkpoint, and a cheap
+    # init of the local shards means no parameter can start from to_empty's garbage.
+    init_sharded_(model, seed)
+    if init_from is not None:
+        load_model_weights(model, init_from)
     return model
 
 
@@ -252,14 +292,14 @@ def main(argv: list[str] | None = None, on_step=None) -> dict:
     on_step(step, model, record) is called on every rank after every step (tests read expert biases here).
     """
     args = build_parser().parse_args(argv)
-    cfg = _load_config(args.preset)
+    cfg = _load_config(args.preset, args.init_from)
     # The model recomputes each decoder block (MTP blocks too) inside its FSDP unit; its router does not
     # count tokens again during the recomputation.
     cfg = cfg.replace(activation_checkpointing=args.ac)
     _init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     ep = _check_args(args, cfg, world)
-    out = Path(args.out) if args.out else _default_out(Path(args.preset).stem, args.resume)
+    out = Path(args.out) if args.out else _default_out(_run_name(args), args.resume)
     resume_from = _prepare_out(out, args.resume)
     corpus = load_corpus(args.data, args.data_dtype)
     for name, part in (("training", corpus.train), ("validation", corpus.val if args.val_every else None)):
@@ -272,7 +312,8 @@ def main(argv: list[str] | None = None, on_step=None) -> dict:
     device = local_device()
 
     param_dtype = _param_dtype(args.mixed_precision, device)
-    model = _build_model(cfg, args.seed, ep, device, param_dtype)
+    # A resumed run's weights come from its own checkpoint; --init-from only starts a fresh run.
+    model = _build_model(cfg, args.seed, ep, device, param_dtype, args.init_from if resume_from is None else None)
     optimizer = _make_optimizer(model, args)
     start = 1
     metrics_path = out / "metrics.jsonl"
@@ -289,9 +330,11 @@ def main(argv: list[str] | None = None, on_step=None) -> dict:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         n_params = sum(p.numel() for p in model.parameters())
-        resumed = f" (resumed from {resume_from.name})" if resume_from else ""
+        resumed = (f" (resumed from {resume_from.name})" if resume_from else
+                   f" (weights from {args.init_from})" if args.init_from else "")
         precision = "bf16 compute" if param_dtype is not None else "fp32"
-        print(f"tritonmoe train: preset {args.preset}, {n_params / 1e6:.2f}M params, world {world} "
+        preset = args.preset or (Path(args.init_from) / "config.json" if args.init_from else "tiny")
+        print(f"tritonmoe train: preset {preset}, {n_params / 1e6:.2f}M params, world {world} "
               f"({dist.get_backend()}), ep {ep} x edp {world // ep}, global batch {args.batch_size} x "
               f"{args.seq_len}, {precision}, steps {start}..{args.steps}{resumed}\n  data: {corpus.description}\n"
               f"  out: {out}", flush=True)
