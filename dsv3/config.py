@@ -192,6 +192,8 @@ class DeepseekV3Config:
             rope.update(rope_type="yarn", rope_theta=self.rope_theta)
         del d["rope_theta"], d["rope_scaling"]
         d.update(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], rope_parameters=rope)
+        # DeepSeek's own spelling of the sequence-wise loss too, so their tooling reads the same weight.
+        d.update(seq_aux=True, aux_loss_alpha=self.seq_aux_loss_alpha)
         return d
 
     def replace(self, **changes) -> "DeepseekV3Config":

@@ -102,6 +102,10 @@ def test_published_v3_config_reads_as_the_671b_preset():
     with pytest.warns(UserWarning, match="batch-wise"):
         assert DeepseekV3Config.from_hf({**PUBLISHED_V3, "seq_aux": False}).seq_aux_loss_alpha == 0.0
     assert DeepseekV3Config.from_hf(cfg.to_hf()) == cfg  # the training field survives save_pretrained
+    written = cfg.replace(seq_aux_loss_alpha=2e-4).to_hf()
+    assert (written["seq_aux"], written["aux_loss_alpha"]) == (True, 2e-4)  # DeepSeek's spelling as well
+    assert DeepseekV3Config.from_hf({k: v for k, v in written.items() if k != "seq_aux_loss_alpha"}) == \
+        cfg.replace(seq_aux_loss_alpha=2e-4)
 
 
 def test_num_mtp_layers_spelling():
