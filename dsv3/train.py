@@ -10,11 +10,11 @@ other). With GPUs: NCCL, one GPU per rank, bf16 compute with fp32 master weights
 reduction (--mixed-precision auto; `--mixed-precision bf16` runs the same dtype flow on CPU).
 
 The model is built on the meta device, parallelized (experts Shard(0) over "ep", FSDP2 over the rest), then
-materialized with to_empty: no rank ever holds more than its shards (plus, transiently, the largest dense
-tensor). Each rank then fills its shards by the model's init rule with values seeded by (seed, parameter
-name, expert index), so the initial global weights are the same for every world size and EP degree
-(parallel/init.py); or, with --init-from DIR, loads a weights-only DCP checkpoint (`convert hf2dcp` output,
-or a training checkpoint's step_XXXXXXXX) resharded to this layout; the config then comes from
+materialized with to_empty: no rank ever holds more than its shards (plus, transiently, one init block of
+~64K values). Each rank then fills its shards by the model's init rule with values seeded by (seed, parameter
+name, expert index or dense row block), drawing only what its shards cover, so the initial global weights are
+the same for every world size and EP degree (parallel/init.py); or, with --init-from DIR, loads a weights-only
+DCP checkpoint (`convert hf2dcp` output, or a training checkpoint's step_XXXXXXXX) resharded to this layout; the config then comes from
 DIR/config.json unless --preset is given.
 
 Per step s (numbered from 1): the global batch of --batch-size sequences is a function of (seed, s) only and

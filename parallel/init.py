@@ -7,20 +7,25 @@ In: a model whose parameters are plain tensors or DTensors (expert parallelism, 
 comes from the model, routed experts are found by duck typing (`find_moe_layers`).
 Out: every parameter and buffer set in place, nothing left on the meta device.
 
-Values depend only on (seed, name, global position), never on the layout:
+Values depend only on (seed, name, global position), never on the layout, and each rank draws only what
+its shards cover (plus at most a block at each end of a contiguous run of rows):
 - a routed-expert weight [E, ...] is drawn per expert e from a generator seeded by (seed, name, e), for the
   experts this rank's shard covers only: no rank ever builds a full expert stack (at 671B one layer's
   stack is 256 x 44M parameters);
-- every other parameter (dense: attention, embeddings, norms, router, shared experts) is drawn whole on this
-  rank's device from a generator seeded by (seed, name) and cut to the local shard, so the transient memory
-  is bounded by the largest dense tensor (the 129280 x 7168 embedding at 671B: 3.7 GB in fp32);
-- buffers are never sharded and are filled whole the same way.
+- every other parameter (dense: attention, embeddings, norms, router, shared experts) and every buffer is
+  cut into blocks of `rows_per_block(shape)` dim-0 rows (about BLOCK_ELEMENTS elements; the block size is a
+  function of the global shape only), block b drawn from a generator seeded by (seed, name, b); a rank draws
+  only the blocks overlapping its rows. At 671B a rank of 256 thus draws ~1/256 of the ~17B dense values
+  instead of all of them, and the transient memory is one block (256 KiB in fp32; one row where a row is
+  larger), not the largest dense tensor (the 129280 x 7168 embedding: 3.7 GB in fp32);
+- 0-dim tensors are drawn whole from a generator seeded by (seed, name).
 The generators are on the parameters' device, so values agree between layouts on the same device type (CPU
 and CUDA streams differ).
 """
 
 import hashlib
 import itertools
+import math
 
 import torch
 from torch import nn
@@ -29,13 +34,58 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from .expert_parallel import find_moe_layers
 
 
-def _generator(device: torch.device, seed: int, name: str, index: int | None = None) -> torch.Generator:
-    """A generator seeded by (seed, name[, index]) through a stable hash (Python's hash() is salted per
-    process, so ranks would disagree)."""
+# Elements per init block of a dense tensor. A constant: the blocks, hence the values, depend on the global
+# shape only. Changing it changes every initial dense weight (not their distribution).
+BLOCK_ELEMENTS = 1 << 16
+
+
+def _generator(device: torch.device, seed: int, name: str, index: int | None = None,
+               block: int | None = None) -> torch.Generator:
+    """A generator seeded by (seed, name[, expert index][, row block]) through a stable hash (Python's hash()
+    is salted per process, so ranks would disagree)."""
     key = f"{seed}/{name}" if index is None else f"{seed}/{name}/{index}"
+    if block is not None:
+        key += f"/rows{block}"
     g = torch.Generator(device=device)
     g.manual_seed(int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1)
     return g
+
+
+def rows_per_block(shape: torch.Size | tuple[int, ...]) -> int:
+    """Dim-0 rows per init block of a dense tensor of global `shape`: about BLOCK_ELEMENTS elements, at least
+    one row."""
+    return max(1, BLOCK_ELEMENTS // max(1, math.prod(shape[1:])))
+
+
+def _runs(rows: list[int]) -> list[tuple[int, int, int]]:
+    """(local offset, first global row, length) of each maximal run of consecutive global rows."""
+    runs = []
+    for i, r in enumerate(rows):
+        if runs and runs[-1][1] + runs[-1][2] == r:
+            runs[-1][2] += 1
+        else:
+            runs.append([i, r, 1])
+    return [tuple(run) for run in runs]
+
+
+def _fill_dense_(local: torch.Tensor, shape: torch.Size, rows: list[int], fill, seed: int, name: str) -> None:
+    """local[i] = global row rows[i] of the tensor whose row block b is fill.fill_ from (seed, name, b); draws
+    only the blocks that overlap `rows` (each once when the runs are in ascending order, as shards are)."""
+    if len(shape) == 0:
+        local.copy_(fill.fill_(torch.empty((), dtype=local.dtype, device=local.device),
+                               generator=_generator(local.device, seed, name)))
+        return
+    per = rows_per_block(shape)
+    drawn_b, drawn = None, None
+    for offset, first, n in _runs(rows):
+        for b in range(first // per, (first + n - 1) // per + 1):
+            if b != drawn_b:
+                size = min(per, shape[0] - b * per)
+                drawn_b, drawn = b, fill.fill_(torch.empty((size, *shape[1:]), dtype=local.dtype,
+                                                           device=local.device),
+                                               generator=_generator(local.device, seed, name, block=b))
+            lo, hi = max(first, b * per), min(first + n, (b + 1) * per)
+            local[offset + lo - first:offset + hi - first].copy_(drawn[lo - b * per:hi - b * per])
 
 
 def local_rows(p: torch.Tensor) -> list[int]:
@@ -73,9 +123,5 @@ def init_sharded_(model: nn.Module, seed: int, rule=None) -> nn.Module:
                 row = torch.empty(p.shape[1:], dtype=local.dtype, device=local.device)
                 local[i].copy_(fill.fill_(row, generator=_generator(local.device, seed, name, e)))
             continue
-        full = fill.fill_(torch.empty(p.shape, dtype=local.dtype, device=local.device),
-                          generator=_generator(local.device, seed, name))
-        if isinstance(p, DTensor):
-            full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
-        local.copy_(full)
+        _fill_dense_(local, p.shape, local_rows(p) if p.ndim else [], fill, seed, name)
     return model

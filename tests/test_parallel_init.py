@@ -1,7 +1,8 @@
 """Meta-device construction of the training model (dsv3/train.py `_build_model`, parallel/init.py) on real gloo
-processes: no rank ever holds a full expert stack, the initial global weights are the same for every world size
-and EP degree (uneven and empty FSDP shards included) and follow the model's init rule, and `--init-from` starts
-training from a converted checkpoint with the loss the single-process model gives on the same batch.
+processes: no rank ever holds a full expert stack or draws the dense tensors beyond its shards (give or take
+an init block at each end), the initial global weights are the same for every world size and EP degree (uneven
+and empty FSDP shards included) and follow the model's init rule, and `--init-from` starts training from a
+converted checkpoint with the loss the single-process model gives on the same batch.
 """
 
 import json
@@ -103,6 +104,63 @@ def test_no_rank_materializes_a_full_expert_stack():
         assert r["largest"] <= max(r["dense"], r["stack"] // ep), (rank, r)
     print(f"\nlargest tensor built on a rank (world 4, ep 4): {r['largest']} elements ({r['what']}); full expert "
           f"stack {r['stack']}, largest dense tensor {r['dense']}")
+
+
+def _dense_draws(overrides: dict, ep: int, block: int) -> dict:
+    """Build the training model with init blocks of `block` elements; count the random values this rank drew
+    for dense parameters (aten.normal_ on real tensors, less the routed experts' exact per-expert draws)
+    against the normal-initialized dense elements it holds; return the global weights too."""
+    from unittest import mock
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tritonmoe.dsv3.train import _build_model
+    from tritonmoe.parallel import init
+
+    class Draws(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.normal_.default and not args[0].is_meta:
+                self.n += args[0].numel()
+            return func(*args, **(kwargs or {}))
+
+    with mock.patch.object(init, "BLOCK_ELEMENTS", block, create=True), Draws() as draws:
+        model = _build_model(_config(overrides), 3, ep, torch.device("cpu"), None)
+    normal = [(n, p) for n, p in model.named_parameters() if model.init_rule(n).kind == "normal"]
+    dense = [(n, p) for n, p in normal if ".experts." not in n]
+    def held(params):
+        return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for _, p in params)
+
+    experts = held([(n, p) for n, p in normal if ".experts." in n])  # drawn per held expert, exactly
+    weights = {n: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+               for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    return {"drawn": draws.n - experts, "local": held(dense), "dense_tensors": len(dense),
+            "dense_global": sum(p.numel() for _, p in dense), "weights": weights}
+
+
+def test_dense_init_draws_only_the_local_blocks():
+    # Blocks of 256 elements (4 rows of the 97 x 64 embedding): the shards of world 4 start and end inside
+    # blocks, a router's 6 rows span two blocks and leave rank 3 an empty shard.
+    block = 256
+    (ref,) = run_distributed(_dense_draws, 1, UNEVEN, 1, block)
+    assert ref["drawn"] == ref["local"]  # one rank holds everything and draws each value once
+    for rank, got in enumerate(run_distributed(_dense_draws, 4, UNEVEN, 2, block)):
+        for name, t in ref["weights"].items():
+            assert torch.equal(got["weights"][name], t), (rank, name)
+        # At most a partial block at each end of a rank's rows, per dense tensor; the former init drew every
+        # dense tensor whole on every rank (drawn >= dense_global).
+        assert got["local"] <= got["drawn"] <= got["local"] + 2 * block * got["dense_tensors"], (rank, got["drawn"])
+        assert got["drawn"] < got["dense_global"] / 2, (rank, got["drawn"], got["dense_global"])
+    print(f"\ndense values drawn at world 4 (ep 2, blocks of {block}): rank 3 {got['drawn']} for {got['local']} "
+          f"held; the dense tensors hold {got['dense_global']}")
+    std = _config(UNEVEN).initializer_range
+    emb = ref["weights"]["model.embed_tokens.weight"]
+    assert not torch.equal(emb[:4], emb[4:8])  # every block from its own generator
+    for name, t in ref["weights"].items():  # the same N(0, std) as with one block per tensor
+        if t.numel() >= 4096 and ".experts." not in name:
+            assert abs(t.mean().item()) < 5 * std / t.numel() ** 0.5, name
+            assert abs(t.std().item() / std - 1) < 0.05, (name, t.std().item())
 
 
 # ----------------------------------------------------------------------------------------------------------
