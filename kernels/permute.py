@@ -14,6 +14,11 @@ Backend per call: CUDA tensors run the compiled kernels; CPU tensors run the sam
 interpreter when TRITON_INTERPRET=1 (the tests), otherwise the plain-PyTorch twins ``permute_torch`` /
 ``unpermute_torch`` (the CPU training example; vectorised, no per-token loops).
 
+The row moves are ``torch.library`` ops (``tritonmoe::permute_rows``, ``tritonmoe::unpermute`` and the
+backward ops ``unpermute_dgrad`` / ``unpermute_bwd`` / ``unpermute_wgrad``) with fake and autograd
+registrations, so the kernel path traces under ``torch.compile(fullgraph=True)``: the index work around them is
+traced as torch ops.
+
 Shape letters: T tokens, H hidden, K top-k, E experts, R = T*K routed rows.
 TRITONMOE_PERMUTE_BLOCK_H (a power of two) pins the H tile of every kernel, for debugging and small tests.
 """
@@ -137,43 +142,109 @@ def _unpermute_bwd(dy_TH, y_sorted_RH, row_map_TK, w_TK, need_dys, dys_out=None,
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Autograd
+# torch.library ops + autograd. Opaque to torch.compile, which traces the index work around them and sees
+# only their fake (shape-only) implementations. Only the two forward ops are differentiable; the
+# three backward ops below them are called from backward formulas and have no autograd of their own.
 
 
-class _PermuteRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_TH, row_map_TK):
-        ctx.save_for_backward(row_map_TK)
-        return _scatter_rows(x_TH, row_map_TK, None, row_map_TK.numel())
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable  # the kernels record no graph: refuse double backward
-    def backward(ctx, dx_sorted_RH):
-        (row_map_TK,) = ctx.saved_tensors
-        # dx[t] = sum_j dx_sorted[row_map[t, j]]: an unweighted unpermute.
-        return _gather_rows(dx_sorted_RH, row_map_TK, None), None
+@torch.library.custom_op("tritonmoe::permute_rows", mutates_args=())
+def _permute_rows_op(x: torch.Tensor, row_map: torch.Tensor) -> torch.Tensor:
+    """x_sorted [T*K, H]: x_sorted[row_map[t, j]] = x[t]."""
+    return _scatter_rows(x, row_map, None, row_map.numel())
 
 
-class _UnpermuteRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y_sorted_RH, row_map_TK, w_TK):
-        # y_sorted is needed only for the weight gradient; don't keep [R, H] alive otherwise.
-        need_dw = w_TK is not None and w_TK.requires_grad
-        ctx.save_for_backward(y_sorted_RH if need_dw else None, row_map_TK, w_TK)
-        ctx.num_rows = y_sorted_RH.shape[0]
-        return _gather_rows(y_sorted_RH, row_map_TK, w_TK)
+@_permute_rows_op.register_fake
+def _(x, row_map):
+    return x.new_empty(row_map.numel(), x.shape[1])
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy_TH):
-        y_sorted_RH, row_map_TK, w_TK = ctx.saved_tensors
-        need_dys, _, need_dw = ctx.needs_input_grad
-        dys = dw = None
-        if need_dw:
-            dys, dw = _unpermute_bwd(dy_TH, y_sorted_RH, row_map_TK, w_TK, need_dys)
-        elif need_dys:
-            dys = _scatter_rows(dy_TH, row_map_TK, w_TK, ctx.num_rows)
-        return dys, None, dw
+
+@torch.library.custom_op("tritonmoe::unpermute", mutates_args=())
+def _unpermute_op(y_sorted: torch.Tensor, row_map: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """y [T, H]: y[t] = sum_j (w[t, j] *) y_sorted[row_map[t, j]], summed in fp32."""
+    return _gather_rows(y_sorted, row_map, w)
+
+
+@_unpermute_op.register_fake
+def _(y_sorted, row_map, w):
+    return y_sorted.new_empty(row_map.shape[0], y_sorted.shape[1])
+
+
+@torch.library.custom_op("tritonmoe::unpermute_dgrad", mutates_args=())
+def _unpermute_dgrad_op(dy: torch.Tensor, row_map: torch.Tensor, w: torch.Tensor | None,
+                        num_rows: int) -> torch.Tensor:
+    """d y_sorted [num_rows, H] when no weight gradient is needed: the (weighted) scatter of dy; rows no
+    (t, j) points at are zero."""
+    return _scatter_rows(dy, row_map, w, num_rows)
+
+
+@_unpermute_dgrad_op.register_fake
+def _(dy, row_map, w, num_rows):
+    return dy.new_empty(num_rows, dy.shape[1])
+
+
+@torch.library.custom_op("tritonmoe::unpermute_bwd", mutates_args=())
+def _unpermute_bwd_op(dy: torch.Tensor, y_sorted: torch.Tensor, row_map: torch.Tensor,
+                      w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d y_sorted [R, H] in y_sorted's dtype, d w [T, K] in w's dtype) from one fused pass."""
+    return _unpermute_bwd(dy, y_sorted, row_map, w, True)
+
+
+@_unpermute_bwd_op.register_fake
+def _(dy, y_sorted, row_map, w):
+    return y_sorted.new_empty(y_sorted.shape), w.new_empty(w.shape)
+
+
+@torch.library.custom_op("tritonmoe::unpermute_wgrad", mutates_args=())
+def _unpermute_wgrad_op(dy: torch.Tensor, y_sorted: torch.Tensor, row_map: torch.Tensor,
+                        w: torch.Tensor) -> torch.Tensor:
+    """d w [T, K] in w's dtype alone (y_sorted needs no gradient): the fused kernel without its stores."""
+    return _unpermute_bwd(dy, y_sorted, row_map, w, False)[1]
+
+
+@_unpermute_wgrad_op.register_fake
+def _(dy, y_sorted, row_map, w):
+    return w.new_empty(w.shape)
+
+
+def _permute_setup_context(ctx, inputs, output):
+    _, row_map = inputs
+    ctx.save_for_backward(row_map)
+
+
+# The kernels record no graph: once_differentiable runs the formula under no_grad and makes a second
+# derivative raise instead of silently coming back as zero.
+@torch.autograd.function.once_differentiable
+def _permute_backward(ctx, dx_sorted):
+    (row_map,) = ctx.saved_tensors
+    # dx[t] = sum_j dx_sorted[row_map[t, j]]: an unweighted unpermute.
+    return _unpermute_op(dx_sorted, row_map, None), None
+
+
+def _unpermute_setup_context(ctx, inputs, output):
+    y_sorted, row_map, w = inputs
+    # y_sorted is needed only for the weight gradient; don't keep [R, H] alive otherwise.
+    need_dw = w is not None and w.requires_grad
+    ctx.save_for_backward(y_sorted if need_dw else None, row_map, w)
+    ctx.num_rows = y_sorted.shape[0]
+
+
+@torch.autograd.function.once_differentiable
+def _unpermute_backward(ctx, dy):
+    y_sorted, row_map, w = ctx.saved_tensors
+    need_dys, _, need_dw = ctx.needs_input_grad
+    dys = dw = None
+    if need_dw:  # w requires grad, so setup_context kept y_sorted
+        if need_dys:
+            dys, dw = _unpermute_bwd_op(dy, y_sorted, row_map, w)
+        else:
+            dw = _unpermute_wgrad_op(dy, y_sorted, row_map, w)
+    elif need_dys:
+        dys = _unpermute_dgrad_op(dy, row_map, w, ctx.num_rows)
+    return dys, None, dw
+
+
+_permute_rows_op.register_autograd(_permute_backward, setup_context=_permute_setup_context)
+_unpermute_op.register_autograd(_unpermute_backward, setup_context=_unpermute_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -254,7 +325,7 @@ def permute(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int):
     if not _use_triton(x):
         return permute_torch(x, topk_idx, num_experts)
     group_sizes, row_map = _route(topk_idx, num_experts)
-    return _PermuteRows.apply(x, row_map), group_sizes, row_map
+    return _permute_rows_op(x, row_map), group_sizes, row_map
 
 
 def unpermute(y_sorted: torch.Tensor, row_map: torch.Tensor, topk_weights: torch.Tensor | None = None):
@@ -290,7 +361,7 @@ def unpermute(y_sorted: torch.Tensor, row_map: torch.Tensor, topk_weights: torch
             torch._assert_async((counts <= 1).all(), "row_map repeats a row of y_sorted")
         elif (counts > 1).any():
             raise ValueError(f"row_map repeats row {int(counts.argmax())} of y_sorted; rows must be distinct")
-    return _UnpermuteRows.apply(y_sorted, row_map, topk_weights)
+    return _unpermute_op(y_sorted, row_map, topk_weights)
 
 
 # ---------------------------------------------------------------------------------------------------------
