@@ -16,8 +16,8 @@ interpreter when TRITON_INTERPRET=1 (the tests), otherwise the plain-PyTorch twi
 
 The row moves are ``torch.library`` ops (``tritonmoe::permute_rows``, ``tritonmoe::unpermute`` and the
 backward ops ``unpermute_dgrad`` / ``unpermute_bwd`` / ``unpermute_wgrad``) with fake and autograd
-registrations, so the kernel path traces under ``torch.compile(fullgraph=True)``: the index work around them is
-traced as torch ops.
+registrations, so the kernel path traces under ``torch.compile(fullgraph=True)``: the index work and the
+checks around them are traced as torch ops, and inside a compiled graph the value checks are device asserts.
 
 Shape letters: T tokens, H hidden, K top-k, E experts, R = T*K routed rows.
 TRITONMOE_PERMUTE_BLOCK_H (a power of two) pins the H tile of every kernel, for debugging and small tests.
@@ -275,12 +275,19 @@ def _in_range(idx: torch.Tensor, hi: int) -> torch.Tensor:
     return ((idx >= 0) & (idx < hi)).all()
 
 
+def _host_checks(t: torch.Tensor) -> bool:
+    """Whether value checks on `t` may read it on the host and raise ValueError: eager CPU tensors only.
+    On CUDA a read would sync, and under torch.compile a branch on tensor data breaks the graph, so there the
+    check becomes torch._assert_async (asynchronous on CUDA; on CPU it raises RuntimeError when run)."""
+    return t.device.type != "cuda" and not torch.compiler.is_compiling()
+
+
 def _check_range(name: str, idx: torch.Tensor, hi: int) -> None:
-    """All of idx in [0, hi): a ValueError on CPU; on CUDA an asynchronous device assert (no host sync)."""
+    """All of idx in [0, hi): a ValueError on CPU; on CUDA (or compiled) an asynchronous assert."""
     if idx.numel() == 0:
         return
     ok = _in_range(idx, hi)
-    if idx.device.type == "cuda":
+    if not _host_checks(idx):
         torch._assert_async(ok, f"{name} has values outside [0, {hi})")
         return
     if not ok:
@@ -357,7 +364,7 @@ def unpermute(y_sorted: torch.Tensor, row_map: torch.Tensor, topk_weights: torch
         # Clamped so an out-of-range entry reports through the range check above, not a scatter assert.
         rows = row_map.reshape(-1).long().clamp(0, y_sorted.shape[0] - 1)
         counts.scatter_add_(0, rows, counts.new_ones(row_map.numel()))
-        if row_map.device.type == "cuda":
+        if not _host_checks(row_map):
             torch._assert_async((counts <= 1).all(), "row_map repeats a row of y_sorted")
         elif (counts > 1).any():
             raise ValueError(f"row_map repeats row {int(counts.argmax())} of y_sorted; rows must be distinct")
