@@ -2,8 +2,10 @@
 
 Index outputs (x_sorted, group_sizes, row_map) must match the twin exactly; sums and gradients are compared
 with per-dtype tolerances against the twin run in fp32. Launcher outputs are poisoned before each launch so
-an unwritten row shows as NaN / -1. The last tests compile every kernel variant the launchers issue for
-sm_90a and read the PTX: 16-byte global accesses, each token row read once / written K times, no spills.
+an unwritten row shows as NaN / -1. torch.library.opcheck covers the registered ops, and a small MoE expert
+path compiled with fullgraph=True proves permute -> grouped_gemm -> unpermute trace without a graph break.
+The last tests compile every kernel variant the launchers issue for sm_90a and read the PTX: 16-byte global
+accesses, each token row read once / written K times, no spills.
 """
 
 import importlib
@@ -12,7 +14,7 @@ import pytest
 import torch
 
 from helpers import assert_close, poison_
-from tritonmoe.kernels import permute, permute_torch, unpermute, unpermute_torch
+from tritonmoe.kernels import grouped_gemm, permute, permute_torch, unpermute, unpermute_torch
 
 # The module itself (the package attribute `permute` is the function): launchers and kernels.
 pm = importlib.import_module("tritonmoe.kernels.permute")
@@ -338,6 +340,71 @@ def test_twins_run_without_interpreter(monkeypatch):
     assert_close(dx, torch.ones_like(x), 1e-6, what="round trip dx")
     with pytest.raises(ValueError, match="got 3"):
         permute(x, topk_idx + 1, 3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torch.library registration and torch.compile
+
+
+def _op_sample(name, dtype):
+    """(op, args) for the tritonmoe:: op `name` at small shapes, with inputs that need grad where the op is
+    differentiable (so opcheck runs its autograd formula too)."""
+    T, H, K, E = 5, 24, 3, 4
+    _, _, rm = permute_torch(torch.empty(T, 1), make_routing(T, K, E, "topk"), E)
+    x, ys, dy = torch.randn(T, H, dtype=dtype), torch.randn(T * K, H, dtype=dtype), torch.randn(T, H, dtype=dtype)
+    w = torch.rand(T, K) + 0.1  # fp32 routing weights over `dtype` rows, as the router gives them
+    grad = lambda t: t.clone().requires_grad_()  # noqa: E731
+    return {
+        "permute_rows": (pm._permute_rows_op, (grad(x), rm)),
+        "unpermute_w": (pm._unpermute_op, (grad(ys), rm, grad(w))),
+        "unpermute_no_w": (pm._unpermute_op, (grad(ys), rm, None)),
+        # num_rows > T*K: rows no (t, j) maps to (padding) are zero-filled, not left empty.
+        "unpermute_dgrad": (pm._unpermute_dgrad_op, (dy, rm, w, T * K + 2)),
+        "unpermute_bwd": (pm._unpermute_bwd_op, (dy, ys, rm, w)),
+        "unpermute_wgrad": (pm._unpermute_wgrad_op, (dy, ys, rm, w)),
+    }[name]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", ["permute_rows", "unpermute_w", "unpermute_no_w", "unpermute_dgrad",
+                                  "unpermute_bwd", "unpermute_wgrad"])
+def test_torch_library_opcheck(name, dtype):
+    # Schema (no input mutated or aliased), the fake kernel against the real one (shapes, strides, dtypes),
+    # autograd registration, and the op traced by AOTAutograd with static and dynamic shapes.
+    op, args = _op_sample(name, dtype)
+    torch.library.opcheck(op, args)
+
+
+def _moe_experts(x, topk_idx, topk_weights, w13, w2):
+    """A small MoE expert path: dispatch, fused gate/up GEMM, SwiGLU, down GEMM, weighted combine."""
+    x_sorted, group_sizes, row_map = permute(x, topk_idx, w13.shape[0])
+    gate, up = grouped_gemm(x_sorted, w13, group_sizes).chunk(2, dim=-1)
+    h = grouped_gemm(torch.nn.functional.silu(gate) * up, w2, group_sizes)
+    return unpermute(h, row_map, topk_weights)
+
+
+def test_compiled_moe_path_has_no_graph_break():
+    # fullgraph=True fails on any graph break, so permute, grouped_gemm and unpermute (index work, validation
+    # and kernels) all trace into one graph; forward and every gradient equal eager bit for bit.
+    T, H, K, E, I = 8, 32, 2, 4, 16
+    args = (torch.randn(T, H), make_routing(T, K, E, "topk"), torch.rand(T, K),
+            torch.randn(E, 2 * I, H) / H**0.5, torch.randn(E, H, I) / I**0.5)
+    grads_of = (0, 2, 3, 4)  # all but the expert ids
+    eager = [a.clone().requires_grad_(i in grads_of) for i, a in enumerate(args)]
+    compiled = [a.clone().requires_grad_(i in grads_of) for i, a in enumerate(args)]
+    torch._dynamo.reset()
+    y_ref = _moe_experts(*eager)
+    compiled_fn = torch.compile(_moe_experts, fullgraph=True, backend="aot_eager")
+    y = compiled_fn(*compiled)
+    assert torch.equal(y, y_ref)
+    dy = torch.randn_like(y)
+    grads_ref = torch.autograd.grad(y_ref, [eager[i] for i in grads_of], dy)
+    grads = torch.autograd.grad(y, [compiled[i] for i in grads_of], dy)
+    for name, g, g_ref in zip(("dx", "d topk_weights", "d w13", "d w2"), grads, grads_ref):
+        assert torch.equal(g, g_ref), name
+    # Inside the graph the host-side ValueError checks are device asserts (RuntimeError on CPU).
+    with pytest.raises(RuntimeError, match=r"topk_idx has values outside \[0, 4\)"):
+        compiled_fn(compiled[0], compiled[1] + E, *compiled[2:])
 
 
 # ---------------------------------------------------------------------------------------------------------
