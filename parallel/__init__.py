@@ -7,14 +7,14 @@ Order of application to a model built without any process group:
 For a model built on the meta device (the only way at 16B/671B): the same steps, then
     model.to_empty(device=...); init_sharded_(model, seed)  # or load_model_weights(model, dcp_dir)
 which fills only each rank's shards, with the same global values for every world size and EP degree.
-Checkpoints: save_checkpoint / load_checkpoint / latest_checkpoint for training state, and
+Checkpoints: save_checkpoint / load_checkpoint / read_train_state / latest_checkpoint for training state, and
 load_model_weights(model, dcp_dir) for weights only (e.g. a checkpoint written by `convert hf2dcp`).
 parallel never imports dsv3: MoE layers are found by duck typing (`.dispatcher` + `.experts.gate_up_proj`).
 """
 
 from .all_to_all import all_to_all
 from .checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, load_model_weights,
-                         save_checkpoint)
+                         read_train_state, save_checkpoint)
 from .expert_parallel import ExpertParallelDispatcher, apply_expert_parallel, find_moe_layers
 from .fsdp import apply_fsdp, clip_grad_norm_, find_blocks
 from .init import init_sharded_, local_rows
@@ -38,5 +38,6 @@ __all__ = [
     "load_model_weights",
     "local_device",
     "local_rows",
+    "read_train_state",
     "save_checkpoint",
 ]

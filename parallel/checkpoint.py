@@ -4,13 +4,16 @@ A checkpoint directory DIR/step_XXXXXXXX holds one DCP checkpoint of
     {"model": model state dict (our names; expert weights as global tensors),
      "optim": optimizer state dict (same keys, same sharding as the parameters),
      "train": {"step": int, ... JSON-able training state such as the data position}}
-plus rng_rank{r}.pt (each rank's RNG states, restored only when the world size matches) and meta.json
-(step, world size, written last). DCP stores every tensor by its global shape, so a checkpoint saved with one
-world size / EP degree loads into another: each rank reads exactly the slice of the global tensor its
-DTensor shard covers (rank r of an ep group gets experts [r*E/ep, (r+1)*E/ep)).
+plus rng_rank{r}.pt (each rank's RNG states, restored only when the world size matches), meta.json
+(step, world size, written last) and, when the caller passes the model's config, config.json (so the folder is
+self-describing: `train --init-from DIR` and `convert dcp2hf --input DIR` need no other file). DCP stores every
+tensor by its global shape, so a checkpoint saved with one world size / EP degree loads into another: each rank
+reads exactly the slice of the global tensor its DTensor shard covers (rank r of an ep group gets experts
+[r*E/ep, (r+1)*E/ep)).
 
 Atomicity: a save goes to DIR/.step_XXXXXXXX.tmp and is renamed into place by rank 0 after every rank has
-finished writing, so a crash mid-save leaves the previous checkpoint as the newest complete one.
+finished writing (config.json and meta.json included), so a crash mid-save leaves the previous checkpoint as the
+newest complete one.
 A weights-only checkpoint (only "model", as written by the hf2dcp converter) loads with
 `load_model_weights`.
 """
@@ -86,11 +89,16 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+CONFIG_FILE = "config.json"
+
+
 def save_checkpoint(out_dir: str | os.PathLike, step: int, model: nn.Module,
-                    optimizer: torch.optim.Optimizer | None = None, train_state: dict | None = None) -> Path:
+                    optimizer: torch.optim.Optimizer | None = None, train_state: dict | None = None,
+                    config: dict | None = None) -> Path:
     """Save model (+ optimizer, + training state, + RNG) for `step` atomically; collective over all ranks.
-    Returns the final directory. An existing checkpoint of the same step is replaced only after the new
-    one is complete."""
+    `config` (JSON-able; the model's Hugging Face config.json dict) is written as config.json inside the
+    checkpoint, before it is renamed into place. Returns the final directory. An existing checkpoint of the same
+    step is replaced only after the new one is complete."""
     out_dir = Path(out_dir)
     final = checkpoint_dir(out_dir, step)
     tmp = out_dir / f".{final.name}.tmp"
@@ -106,6 +114,8 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model: nn.Module,
     torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
     _barrier()
     if _rank() == 0:
+        if config is not None:
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "meta.json").write_text(json.dumps({"step": int(step), "world_size": _world()}))
         old = out_dir / f".{final.name}.old"
         if final.exists():
@@ -138,17 +148,44 @@ def _dcp_load(state: dict, path: Path) -> None:
         raise CheckpointError(f"cannot load checkpoint {path}: {_reason(e)}") from e
 
 
+def _stored_train_keys(path: Path) -> list[str]:
+    """The keys of the checkpoint's "train" entry, from its DCP metadata."""
+    try:
+        md = dcp.FileSystemReader(str(path)).read_metadata()
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"cannot load checkpoint {path}: {_reason(e)}") from e
+    return [fqn[len("train."):] for fqn in md.state_dict_metadata if fqn.startswith("train.")]
+
+
+def read_train_state(path: str | os.PathLike) -> dict:
+    """Every entry of a checkpoint's "train" state (step, seed, schedule, data identity, ...), without building
+    or loading any model: to check a resume before paying for the weights. Collective over all ranks when a
+    process group is initialised."""
+    path = Path(path)
+    _check_readable(path)
+    state = {"train": {k: None for k in _stored_train_keys(path)}}
+    try:
+        dcp.load(state, checkpoint_id=str(path), planner=dcp.DefaultLoadPlanner(allow_partial_load=True),
+                 no_dist=not dist.is_initialized())
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"cannot load checkpoint {path}: {_reason(e)}") from e
+    return dict(state["train"])
+
+
 def load_checkpoint(path: str | os.PathLike, model: nn.Module,
                     optimizer: torch.optim.Optimizer | None = None, train_state: dict | None = None) -> dict:
     """Load a checkpoint written by save_checkpoint into model/optimizer (any world size or EP degree).
 
     `train_state` gives the keys (and their types, by example values) to read back from "train"; "step" is
-    always read. Restores this rank's RNG states when the checkpoint was saved with the same world size.
+    always read, and keys the checkpoint does not hold (written by an older version) are left out of the
+    result. Restores this rank's RNG states when the checkpoint was saved with the same world size.
     Returns the training state dict. Collective over all ranks.
     """
     path = Path(path)
     _check_readable(path)
-    state = {"model": get_model_state_dict(model), "train": {"step": 0, **(train_state or {})}}
+    stored = set(_stored_train_keys(path))
+    wanted = {k: v for k, v in {"step": 0, **(train_state or {})}.items() if k in stored or k == "step"}
+    state = {"model": get_model_state_dict(model), "train": wanted}
     if optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
     _dcp_load(state, path)
