@@ -11,7 +11,8 @@ hf2dcp out: one DCP checkpoint of {"model": our state dict} (expert weights as g
             layers) and convert.json (what was converted, with which options).
 dcp2hf:     the reverse, into config.json + ``model-XXXXX-of-YYYYY.safetensors`` + index (published per-expert
             layout, MTP modules as layers L+k with their embedding/head copies). Any DCP checkpoint with a
-            "model" entry works (a training checkpoint too: "optim"/"train" are skipped).
+            "model" entry works (a training checkpoint too: "optim"/"train" are skipped). The model's config is
+            the config.json inside the input (hf2dcp and training checkpoints write one) unless --config is given.
 
 Why streaming: DeepSeek-V3 is ~680 GB in FP8 and 1.3 TB in bf16, so neither direction may hold the model.
 Both work one decoder layer at a time (the key mapping of ``checkpoint.py`` applies per HF layer): peak host
@@ -285,7 +286,8 @@ def dcp2hf(input_dir: str | os.PathLike, output_dir: str | os.PathLike, config: 
         raise ValueError(f"{src} is not a complete DCP checkpoint (no .metadata)")
     cfg_path = Path(config) if config is not None else src / CONFIG_FILE
     if not cfg_path.is_file():
-        raise ValueError(f"no config: {cfg_path} does not exist; pass --config with the model's config.json")
+        raise ValueError(f"no config: {cfg_path} does not exist (hf2dcp output and training checkpoints hold one); "
+                         "pass --config with the model's config.json")
     hf_cfg = json.loads(cfg_path.read_text())
     layout = CheckpointLayout.from_hf_config(hf_cfg)
     md = FileSystemReader(src).read_metadata()
@@ -371,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("dcp2hf", help="DCP checkpoint ('model' entry) -> HF safetensors")
     b.add_argument("--input", required=True, help="DCP checkpoint folder")
     b.add_argument("--output", required=True, help="HF checkpoint folder to write")
-    b.add_argument("--config", default=None, help="config.json (default: the one inside --input)")
+    b.add_argument("--config", default=None, help="config.json (default: the one inside --input, which hf2dcp "
+                                                   "output and training checkpoints hold)")
     b.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size")
     args = parser.parse_args(argv)
     try:

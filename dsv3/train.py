@@ -14,16 +14,17 @@ materialized with to_empty: no rank ever holds more than its shards (plus, trans
 ~64K values). Each rank then fills its shards by the model's init rule with values seeded by (seed, parameter
 name, expert index or dense row block), drawing only what its shards cover, so the initial global weights are
 the same for every world size and EP degree (parallel/init.py); or, with --init-from DIR, loads a weights-only
-DCP checkpoint (`convert hf2dcp` output, or a training checkpoint's step_XXXXXXXX) resharded to this layout; the config then comes from
-DIR/config.json unless --preset is given.
+DCP checkpoint (`convert hf2dcp` output, or a training checkpoint's step_XXXXXXXX) resharded to this layout;
+the config then comes from DIR/config.json (both kinds write one) unless --preset is given.
 
 Per step s (numbered from 1): the global batch of --batch-size sequences is a function of (seed, s) only and
 is split across the data-parallel ranks; forward + backward; gradient clipping by the global norm over dense
 and expert shards; AdamW with linear warmup and cosine decay; then update_expert_bias (aux-loss-free
 balancing, token counts summed over all ranks). Output: one human line per step on rank 0 and one JSON object
 per step in DIR/metrics.jsonl (step, loss, lm_loss, mtp_loss, tokens_per_s, max_load_ratio, lr, grad_norm,
-memory_mb, and val_loss on validation steps). Checkpoints: DIR/step_XXXXXXXX (parallel/checkpoint.py) after
-every --ckpt-every steps and after the last; --resume continues from the newest complete one to --steps.
+memory_mb, and val_loss on validation steps). Checkpoints: DIR/step_XXXXXXXX (parallel/checkpoint.py, with the
+model's config.json) after every --ckpt-every steps and after the last; --resume continues from the newest
+complete one to --steps.
 A NaN/inf loss or gradient norm stops the run before the optimizer step, leaving the last checkpoint as it was.
 
 Host syncs per step on GPUs: one per MoE layer forward (the all-to-all split sizes; a recomputed forward
@@ -160,13 +161,23 @@ def _load_config(preset: str | None, init_from: str | None) -> DeepseekV3Config:
     if preset is None and init_from is not None:
         config = Path(init_from) / "config.json"
         if not config.is_file():
-            raise ValueError(f"--init-from {init_from} has no config.json (`convert hf2dcp` writes one; a training "
-                             "checkpoint has none): pass --preset with the model's preset or config.json")
+            raise ValueError(f"--init-from {init_from} has no config.json (`convert hf2dcp` and training "
+                             "checkpoints write one): pass --preset with the model's preset or config.json")
         return DeepseekV3Config.from_hf(config)
     preset = "tiny" if preset is None else preset
     if preset not in PRESETS and not Path(preset).exists():
         raise ValueError(f"unknown --preset {preset!r}: use one of {', '.join(PRESETS)} or a config.json path")
     return DeepseekV3Config.from_hf(preset)
+
+
+def _checkpoint_config(cfg: DeepseekV3Config) -> dict:
+    """The model's config.json for a checkpoint folder (the file `convert` writes: cfg.to_hf()), which
+    from_hf reads back to the same model. to_hf refuses moe_layer_freq != 1, which transformers cannot express;
+    our own reader can, so such a config is written with the key kept as it is."""
+    try:
+        return cfg.to_hf()
+    except ValueError:
+        return {**cfg.replace(moe_layer_freq=1).to_hf(), "moe_layer_freq": cfg.moe_layer_freq}
 
 
 def _run_name(args) -> str:
@@ -293,6 +304,7 @@ def main(argv: list[str] | None = None, on_step=None) -> dict:
     """
     args = build_parser().parse_args(argv)
     cfg = _load_config(args.preset, args.init_from)
+    model_config = _checkpoint_config(cfg)  # written into every checkpoint (before the run-time --ac below)
     # The model recomputes each decoder block (MTP blocks too) inside its FSDP unit; its router does not
     # count tokens again during the recomputation.
     cfg = cfg.replace(activation_checkpointing=args.ac)
@@ -395,7 +407,8 @@ def main(argv: list[str] | None = None, on_step=None) -> dict:
             if (args.ckpt_every and step % args.ckpt_every == 0) or step == args.steps:
                 last_ckpt = save_checkpoint(out, step, model, optimizer, {"seed": args.seed,
                                                                           "batch_size": args.batch_size,
-                                                                          "seq_len": args.seq_len})
+                                                                          "seq_len": args.seq_len},
+                                            config=model_config)
     finally:
         if metrics is not None:
             metrics.close()

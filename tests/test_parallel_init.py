@@ -182,12 +182,12 @@ def _init_from_runs(dcp_dir: str, data: str, root: str) -> dict:
     common = ARGS + ["--data", data]
     losses = {ep: main(common + ["--init-from", dcp_dir, "--ep", str(ep), "--out", str(root / f"ep{ep}")])["losses"][1]
               for ep in (1, 2)}
-    # A training checkpoint's step folder holds no config.json: --preset names the model.
+    # A training checkpoint's step folder is self-describing (its config.json); --preset still wins.
     step_dir = root / "ep2" / "step_00000001"
-    with pytest.raises(ValueError, match="has no config.json .* pass --preset"):
-        main(common + ["--init-from", str(step_dir), "--out", str(root / "a")])
-    again = main(common + ["--init-from", str(step_dir), "--preset", str(Path(dcp_dir) / "config.json"),
-                           "--out", str(root / "from_step")])["losses"][1]
+    again = main(common + ["--init-from", str(step_dir), "--out", str(root / "from_step")])["losses"][1]
+    explicit = main(common + ["--init-from", str(step_dir), "--preset", str(Path(dcp_dir) / "config.json"),
+                              "--out", str(root / "from_step_preset")])["losses"][1]
+    assert explicit == again
     errors = {}
     with pytest.raises(CheckpointError, match="does not exist") as e:
         main(common + ["--init-from", str(root / "absent"), "--out", str(root / "a")])
@@ -197,11 +197,19 @@ def _init_from_runs(dcp_dir: str, data: str, root: str) -> dict:
         main(common + ["--init-from", dcp_dir, "--preset", "tiny", "--out", str(root / "a")])
     errors["shapes"] = str(e.value)
     assert not (root / "a").exists()
-    return {"losses": losses, "from_step": again, "errors": errors}
+    return {"losses": losses, "from_step": again, "step_dir": str(step_dir), "errors": errors}
+
+
+def test_init_from_a_folder_without_config_needs_a_preset(tmp_path):
+    from tritonmoe.dsv3.train import _load_config
+
+    with pytest.raises(ValueError, match="has no config.json .* pass --preset"):
+        _load_config(None, str(tmp_path))
+    assert _load_config("tiny", str(tmp_path)).vocab_size == 256
 
 
 def test_init_from_converted_checkpoint_matches_single_process_loss(tmp_path, hf_mtp, twins):
-    from tritonmoe.dsv3 import DeepseekV3ForCausalLM, convert
+    from tritonmoe.dsv3 import DeepseekV3Config, DeepseekV3ForCausalLM, convert
     from tritonmoe.dsv3.data import batch, load_corpus
 
     hf_dir, _ = hf_mtp
@@ -224,6 +232,15 @@ def test_init_from_converted_checkpoint_matches_single_process_loss(tmp_path, hf
             assert_close(torch.tensor(loss), ref, 1e-5, what=f"step-1 loss, --init-from at ep {ep}")
         # From the step-1 checkpoint of the ep 2 run, which trained on this very batch: a little lower.
         assert 0.9 * res["losses"][2] < res["from_step"] < res["losses"][2], res
+
+    # The training checkpoint exports to HF without --config: its own config.json names the model, which
+    # computes the loss training resumed from it computed.
+    step_dir = Path(per_rank[0]["step_dir"])
+    assert DeepseekV3Config.from_hf(step_dir / "config.json") == model.config
+    convert.dcp2hf(step_dir, tmp_path / "hf_from_step", log=lambda _: None)
+    with torch.no_grad():
+        exported = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "hf_from_step")(rows, labels=rows).loss
+    assert_close(exported, torch.tensor(per_rank[0]["from_step"]), 1e-5, what="loss of the dcp2hf export")
     worst = max(abs(v - ref.item()) / ref.item() for v in per_rank[0]["losses"].values())
     print(f"\nstep-1 loss from the converted checkpoint: ep 1 {per_rank[0]['losses'][1]:.6f}, ep 2 "
           f"{per_rank[0]['losses'][2]:.6f}, single process {ref.item():.6f} (max rel diff {worst:.1e}); from the "
