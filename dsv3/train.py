@@ -24,7 +24,14 @@ balancing, token counts summed over all ranks). Output: one human line per step 
 per step in DIR/metrics.jsonl (step, loss, lm_loss, mtp_loss, tokens_per_s, max_load_ratio, lr, grad_norm,
 memory_mb, and val_loss on validation steps). Checkpoints: DIR/step_XXXXXXXX (parallel/checkpoint.py, with the
 model's config.json) after every --ckpt-every steps and after the last; --resume continues from the newest
-complete one to --steps.
+complete one to --steps. A resume must train the same thing: the checkpoint records the seed, the global batch
+and sequence length, the data source (resolved --data path, --data-dtype, token counts) and the LR schedule
+(--lr, --warmup, --decay-steps, --min-lr-ratio, --weight-decay, --clip), and a run asking for other values
+stops with an error naming the option. Only --steps (extending the run) and options that leave the math alone
+(--out, --ckpt-every, --log-every, --val-every, --val-batches, --ac, --ep and the world size, up to fp32
+rounding) may change; --warmup and --decay-steps, when not given, are the checkpoint's, so that extending
+--steps does not stretch the schedule of the steps already trained. Not checked: --mixed-precision (a run may
+move between bf16 GPUs and fp32 CPUs) and the model config beyond the shapes the load compares.
 A NaN/inf loss or gradient norm stops the run before the optimizer step, leaving the last checkpoint as it was.
 
 Host syncs per step on GPUs: one per MoE layer forward (the all-to-all split sizes; a recomputed forward
@@ -47,7 +54,7 @@ import torch.distributed as dist
 
 from ..parallel import (CheckpointError, apply_expert_parallel, apply_fsdp, build_meshes, check_ep_degree,
                         clip_grad_norm_, init_sharded_, latest_checkpoint, load_checkpoint, load_model_weights,
-                        local_device, save_checkpoint)
+                        local_device, read_train_state, save_checkpoint)
 from .config import PRESETS, DeepseekV3Config
 from .data import batch, load_corpus
 from .moe import update_expert_bias
@@ -70,10 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="global batch in sequences, split over ranks")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    p.add_argument("--warmup", type=int, default=None, help="warmup steps (default decay-steps // 10)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="warmup steps (default decay-steps // 10; with --resume, the checkpoint's)")
     p.add_argument("--decay-steps", type=int, default=None,
-                   help="length of the LR schedule (default --steps); set it to stop early and --resume later "
-                        "on the same schedule")
+                   help="length of the LR schedule (default --steps; with --resume, the checkpoint's): set it "
+                        "to stop early and --resume later on the same schedule")
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--clip", type=float, default=1.0, help="max global gradient norm (0: no clipping)")
@@ -178,6 +186,54 @@ def _checkpoint_config(cfg: DeepseekV3Config) -> dict:
         return cfg.to_hf()
     except ValueError:
         return {**cfg.replace(moe_layer_freq=1).to_hf(), "moe_layer_freq": cfg.moe_layer_freq}
+
+
+def _train_state(args, corpus) -> dict:
+    """What a checkpoint records so that a resume can refuse to train something else: batch layout, data source
+    and LR schedule (resolved: --warmup and --decay-steps as _lr_at uses them)."""
+    total = args.decay_steps or args.steps
+    return {"seed": args.seed, "batch_size": args.batch_size, "seq_len": args.seq_len,
+            "data": str(Path(args.data).resolve()) if args.data is not None else None,
+            "data_dtype": args.data_dtype,
+            "data_tokens": f"{corpus.train.size} train + {corpus.val.size} validation tokens",
+            "lr": args.lr, "warmup": total // 10 if args.warmup is None else args.warmup, "decay_steps": total,
+            "min_lr_ratio": args.min_lr_ratio, "weight_decay": args.weight_decay, "clip": args.clip}
+
+
+# train state key -> how the message names it
+_RESUME_OPTIONS = {"seed": "--seed", "batch_size": "--batch-size", "seq_len": "--seq-len", "data": "--data",
+                   "data_dtype": "--data-dtype", "data_tokens": "--data holding", "lr": "--lr", "warmup": "--warmup",
+                   "decay_steps": "--decay-steps", "min_lr_ratio": "--min-lr-ratio",
+                   "weight_decay": "--weight-decay", "clip": "--clip"}
+
+
+def _check_resume(args, corpus, recorded: dict, ckpt: Path) -> dict:
+    """Refuse to resume `ckpt` with another batch layout, data source or LR schedule (ValueError naming the
+    option, the checkpoint's value and this run's). --warmup / --decay-steps not given on the command line
+    take the checkpoint's values (set on `args`). Returns the train state this run records."""
+    if args.decay_steps is None and recorded.get("decay_steps") is not None:
+        args.decay_steps = recorded["decay_steps"]
+    if args.warmup is None and recorded.get("warmup") is not None:
+        args.warmup = recorded["warmup"]
+    state = _train_state(args, corpus)
+
+    def show(v) -> str:
+        return "(not given)" if v is None else str(v)
+
+    unchecked = []
+    for key, value in state.items():
+        if key not in recorded:  # a checkpoint written before the key was recorded
+            unchecked.append(_RESUME_OPTIONS[key])
+        elif recorded[key] != value:
+            option = _RESUME_OPTIONS[key]
+            fix = ("the data changed since the checkpoint" if key == "data_tokens" else
+                   "pass the same value (only --steps and options that do not change the training may differ)")
+            raise ValueError(f"--resume: checkpoint {ckpt} was trained with {option} {show(recorded[key])}, this run "
+                             f"asks for {option} {show(value)}; {fix}")
+    if unchecked and dist.get_rank() == 0:
+        print(f"warning: checkpoint {ckpt} does not record {', '.join(unchecked)} (an older checkpoint): "
+              "cannot check that they match", file=sys.stderr, flush=True)
+    return state
 
 
 def _run_name(args) -> str:
@@ -321,6 +377,9 @@ def main(argv: list[str] | None = None, on_step=None) -> dict:
     if corpus.vocab_size > cfg.vocab_size:
         raise ValueError(f"data has token ids up to {corpus.vocab_size - 1} but the model's vocab_size is "
                          f"{cfg.vocab_size}")
+    # A resume is checked against what the checkpoint recorded before any weight is built or read.
+    train_state = (_check_resume(args, corpus, read_train_state(resume_from), resume_from)
+                   if resume_from is not None else _train_state(args, corpus))
     device = local_device()
 
     param_dtype = _param_dtype(args.mixed_precision, device)
@@ -330,12 +389,7 @@ def main(argv: list[str] | None = None, on_step=None) -> dict:
     start = 1
     metrics_path = out / "metrics.jsonl"
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, {"seed": args.seed, "batch_size": args.batch_size,
-                                                                "seq_len": args.seq_len})
-        for key in ("seed", "batch_size", "seq_len"):
-            if state[key] != getattr(args, key):
-                raise ValueError(f"--resume: checkpoint {resume_from} was trained with {key}={state[key]}, "
-                                 f"this run asks for {getattr(args, key)}; pass the same value")
+        state = load_checkpoint(resume_from, model, optimizer)
         start = state["step"] + 1
         if rank == 0:
             _trim_metrics(metrics_path, state["step"])
@@ -405,10 +459,7 @@ def main(argv: list[str] | None = None, on_step=None) -> dict:
             if on_step is not None:
                 on_step(step, model, record)
             if (args.ckpt_every and step % args.ckpt_every == 0) or step == args.steps:
-                last_ckpt = save_checkpoint(out, step, model, optimizer, {"seed": args.seed,
-                                                                          "batch_size": args.batch_size,
-                                                                          "seq_len": args.seq_len},
-                                            config=model_config)
+                last_ckpt = save_checkpoint(out, step, model, optimizer, train_state, config=model_config)
     finally:
         if metrics is not None:
             metrics.close()

@@ -110,11 +110,26 @@ def test_layouts_and_resume_match_world_1(straight, tmp_path):
     assert steps == list(range(1, 21))
 
 
+def _without(argv: list[str], *options: str) -> list[str]:
+    """argv less each of `options` and its value."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in options:
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
 def test_exact_resume_same_layout(straight, tmp_path):
-    """10 steps, stop, --resume to 20: steps 11-20 bit-identical to the straight run."""
+    """10 steps, stop, --resume to 20: steps 11-20 bit-identical to the straight run. The resume leaves out
+    --warmup and --decay-steps (the checkpoint's apply, not defaults from --steps) and logs at another cadence."""
     out = str(tmp_path / "r")
     run_distributed(_train_many, 1, [COMMON + ["--steps", "10", "--out", out]])
-    (res,) = run_distributed(_train, 1, COMMON + ["--steps", "20", "--resume", "--out", out])
+    resume = _without(COMMON, "--warmup", "--decay-steps") + ["--log-every", "3"]
+    (res,) = run_distributed(_train, 1, resume + ["--steps", "20", "--resume", "--out", out])
     assert sorted(res["losses"]) == list(range(11, 21))
     for s in range(11, 21):
         assert res["losses"][s] == straight["losses"][s], (s, res["losses"][s], straight["losses"][s])
@@ -206,6 +221,47 @@ def _bad_inputs(root: str, ckpt_src: str) -> dict:
 
 def test_bad_inputs_fail_clearly(straight, tmp_path):
     (msgs,) = run_distributed(_bad_inputs, 1, str(tmp_path), straight["out"])
+    print("\n" + "\n".join(msgs.values()))
+
+
+def _resume_mismatches(root: str) -> dict:
+    """A 1-step run on a token file, then resumes that change the data or the LR schedule: each refused before
+    anything is written, naming the option with the checkpoint's and this run's values."""
+    import re
+
+    import numpy as np
+
+    from tritonmoe.dsv3.train import main
+
+    root = Path(root)
+    tokens = root / "tokens.u16"
+    np.random.default_rng(0).integers(0, 256, 20_000).astype(np.uint16).tofile(tokens)
+    run = root / "run"
+    base = COMMON + ["--data", str(tokens), "--data-dtype", "uint16", "--out", str(run)]
+    main(base + ["--steps", "1"])
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    msgs = {}
+    shutil.copy(tokens, root / "same_tokens.u16")
+    for option, old, new in (("--lr", "0.003", "0.001"), ("--warmup", "3", "4"), ("--decay-steps", "20", "30"),
+                             ("--min-lr-ratio", "0.1", "0.2"), ("--weight-decay", "0.1", "0.0"),
+                             ("--clip", "1.0", "0.5"), ("--seed", "7", "8"),
+                             ("--data", str(tokens.resolve()), str((root / "same_tokens.u16").resolve()))):
+        with pytest.raises(ValueError, match=re.escape(f"was trained with {option} {old}, this run asks for "
+                                                       f"{option} {new}")) as e:
+            main(base + ["--steps", "2", "--resume", option, new])
+        msgs[option] = str(e.value)
+    with tokens.open("ab") as f:  # the same path, other contents
+        np.zeros(1000, np.uint16).tofile(f)
+    with pytest.raises(ValueError, match="trained with --data holding 19000 train .* asks for --data holding "
+                                         "19950 train") as e:
+        main(base + ["--steps", "2", "--resume"])
+    msgs["contents"] = str(e.value)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    return msgs
+
+
+def test_resume_refuses_other_data_or_schedule(tmp_path):
+    (msgs,) = run_distributed(_resume_mismatches, 1, str(tmp_path))
     print("\n" + "\n".join(msgs.values()))
 
 
