@@ -111,12 +111,9 @@ def _init_distributed() -> None:
     """Join torchrun's process group, or make a world of one for a plain `python -m` run."""
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:  # plain python: a one-process gloo group, so the code path is the same
-        import socket
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # Plain python (no torchrun): a world of one over an in-memory store, so the code path is the same and no
+    # TCP port has to be picked (a port found free can be taken by another process before we bind it).
+    alone = {} if "RANK" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)
     if torch.cuda.is_available():
         local_rank, n_gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
         if local_rank >= n_gpus:
@@ -126,9 +123,9 @@ def _init_distributed() -> None:
         # (broadcast_object_list) then all use this device, never GPU 0 from every rank.
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, **alone)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", **alone)
 
 
 def _lr_at(step: int, args) -> float:

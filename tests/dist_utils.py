@@ -2,7 +2,8 @@
 
 Processes are forked (torch is already imported in the parent, so a group starts in well under a second
 instead of paying an interpreter + torch import per rank). Each child sets the torchrun environment
-variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), initialises the default gloo group,
+variables (RANK, WORLD_SIZE, LOCAL_RANK), initialises the default gloo group through a FileStore in a fresh
+temporary folder (no TCP port to pick: a port found free and released can be taken before the ranks bind it),
 runs fn(*args), and reports its result or its traceback. One intra-op thread per rank: the CI machine has 2
 cores and a group has up to 4 ranks.
 
@@ -15,26 +16,19 @@ took ~10x longer.
 import multiprocessing as mp
 import os
 import pickle
-import socket
+import tempfile
 import traceback
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _child(rank, world, port, fn, args, queue):
+def _child(rank, world, store_path, fn, args, queue):
     import torch
     import torch.distributed as dist
 
     os.environ["TRITON_INTERPRET"] = "0"
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
         result = fn(*args)
         # Plain pickle bytes: through the queue's own pickler torch would pass tensors as shared-memory
         # handles, which vanish when this process exits.
@@ -55,8 +49,9 @@ def run_distributed(fn, world: int, *args, timeout: float = 120.0) -> list:
 
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_child, args=(r, world, port, fn, args, queue)) for r in range(world)]
+    store_dir = tempfile.TemporaryDirectory(prefix="tritonmoe-store-")
+    store_path = os.path.join(store_dir.name, "store")
+    procs = [ctx.Process(target=_child, args=(r, world, store_path, fn, args, queue)) for r in range(world)]
     for p in procs:
         p.start()
     results, errors = {}, {}
@@ -74,6 +69,7 @@ def run_distributed(fn, world: int, *args, timeout: float = 120.0) -> list:
             if p.is_alive():
                 p.kill()
                 p.join()
+        store_dir.cleanup()
     if errors:
         raise AssertionError("\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items())))
     return [results[r] for r in range(world)]
