@@ -23,6 +23,8 @@ from typing import NamedTuple
 
 import torch
 
+from ._backend import interpreting as _interpreting, use_triton as _use_triton
+
 try:
     import triton
 
@@ -152,14 +154,6 @@ def sm90_compile_jobs(dtype: torch.dtype = torch.bfloat16, input_precision: str 
 
 
 # ----------------------------------------------------------------------------------------------- launchers
-
-def _interpreting(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    return triton is not None and (t.device.type == "cuda" or _interpreting(t))
-
 
 def _check_interpreter_kernel(kernel) -> None:
     # triton.jit decides at decoration time; kernels built as compiled JITFunctions cannot run on CPU.

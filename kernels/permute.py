@@ -28,6 +28,8 @@ import os
 
 import torch
 
+from ._backend import use_triton as _use_triton
+
 try:
     import triton
 
@@ -40,14 +42,6 @@ _INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 # Widest H tile: 4 warps x 32 threads x 16 bytes, so every thread issues 16-byte accesses
 # (bf16: 1024 columns, fp32: 512). DeepSeek-V3's H=7168 splits into 7 (bf16) tiles with no tail.
 _NUM_WARPS_MAX = 4
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    if triton is None:
-        return False
-    if t.device.type == "cuda":
-        return True
-    return t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _tile(H: int, elem_size: int) -> tuple[int, int]:
