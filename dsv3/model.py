@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import DeepseekV3Config
-from .moe import MLP, GroupedExperts, MoE, Router
+from .moe import MLP, GroupedExperts, MoE, Router, routers
 
 
 @dataclass
@@ -298,7 +298,7 @@ class DeepseekV3ForCausalLM(nn.Module):
             out.mtp_loss = torch.stack(mtp_losses).mean()
             out.mtp_logits = mtp_logits
             out.loss = lm_loss + self.config.mtp_loss_weight * out.mtp_loss
-        aux = [r.last_aux_loss for r in self.modules() if isinstance(r, Router) and r.last_aux_loss is not None]
+        aux = [r.last_aux_loss for r in routers(self) if r.last_aux_loss is not None]
         if aux:
             out.aux_loss = torch.stack(aux).sum()
         return out
