@@ -200,7 +200,7 @@ class MTPModule(nn.Module):
 class DeepseekV3Model(nn.Module):
     """Embedding, decoder stack, final norm, MTP modules.  forward(input_ids) -> (hidden states BEFORE the
     final norm, which MTP depth 1 consumes; the token embeddings, which MTP reuses shifted instead of
-    looking the table up again)."""
+    looking the table up again; the rope tables cos, sin [S, rope/2], which MTP reuses too)."""
 
     def __init__(self, cfg: DeepseekV3Config):
         super().__init__()
@@ -222,13 +222,13 @@ class DeepseekV3Model(nn.Module):
         freqs = torch.arange(S, device=device).float()[:, None] * self._inv_freq_on[device][None]
         return (freqs.cos() * attention_factor).to(dtype), (freqs.sin() * attention_factor).to(dtype)
 
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
         emb = self.embed_tokens(input_ids)
         cos, sin = self.rope_tables(input_ids.shape[1], emb.device, emb.dtype)
         h = emb
         for layer in self.layers:
             h = layer(h, cos, sin)
-        return h, emb
+        return h, emb, cos, sin
 
 
 class DeepseekV3ForCausalLM(nn.Module):
@@ -274,7 +274,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         B, S = input_ids.shape
-        h, emb = self.model(input_ids)
+        h, emb, cos, sin = self.model(input_ids)
         logits = self.head(self.model.norm(h))
         if labels is None:
             return CausalLMOutput(logits=logits)
@@ -285,8 +285,6 @@ class DeepseekV3ForCausalLM(nn.Module):
             raise ValueError(f"sequence length {S} too short: {D} MTP depths need at least {D + 2} tokens")
         lm_loss = _shifted_ce(logits, labels, 1)
         mtp_losses, mtp_logits = [], []
-        if D:
-            cos, sin = self.model.rope_tables(S, h.device, h.dtype)
         for k, mtp in enumerate(self.model.mtp):
             d = k + 1  # depth d sees tokens up to i+d and predicts token i+d+1; S-d positions remain
             h = mtp(emb[:, d:], h[:, : S - d], cos[: S - d], sin[: S - d])
