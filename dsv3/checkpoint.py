@@ -477,10 +477,11 @@ class ShardedSafetensorsWriter:
         self._pending_bytes = 0
         self._pending_storages: set[int] = set()
         self._shards: list[list[str]] = []
+        self._written: set[str] = set()  # every key added (pending or flushed): the duplicate check in O(1)
         self.total_bytes = 0
 
     def add(self, hf_key: str, t: torch.Tensor) -> None:
-        if hf_key in self._pending or any(hf_key in s for s in self._shards):
+        if hf_key in self._written:
             raise ValueError(f"{hf_key}: written twice")
         nbytes = t.numel() * t.element_size()
         if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
@@ -492,6 +493,7 @@ class ShardedSafetensorsWriter:
             t = t.clone()
         self._pending_storages.add(t.untyped_storage().data_ptr())
         self._pending[hf_key] = t
+        self._written.add(hf_key)
         self._pending_bytes += nbytes
 
     def flush(self) -> None:
