@@ -356,7 +356,7 @@ class SafetensorsCheckpoint:
     ``keys()`` lists logical tensor names (FP8 scale keys folded into their weights; zero-element tensors, which
     carry no values, listed in ``empty`` instead); ``get(name, dtype)``
     reads one tensor, dequantizing FP8 block-wise. ``release()`` drops open shards (their memory maps), which
-    a streaming caller does after each layer. ``bytes_read`` counts stored bytes read so far.
+    a streaming caller does after each layer.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -392,7 +392,6 @@ class SafetensorsCheckpoint:
         if orphans:
             raise ValueError(f"scale keys without their weight: {[self.scales[k] for k in orphans][:8]}")
         self._handles: dict[str, object] = {}
-        self.bytes_read = 0
         # Zero-element tensors hold no values: transformers saves a 0-wide shared-expert MLP when n_shared_experts
         # is 0, which our model (rightly) has no place for. Skipped here, from the headers alone.
         self.empty = [k for k in self._keys if math.prod(self._handle(weight_map[k]).get_slice(k).get_shape()) == 0]
@@ -427,7 +426,6 @@ class SafetensorsCheckpoint:
             t = self._handle(fname).get_tensor(key)
         except Exception as e:  # safetensors raises its own error types; name the key and shard
             raise ValueError(f"{key}: cannot read it from {fname}: {e}") from e
-        self.bytes_read += t.numel() * t.element_size()
         return t
 
     def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
