@@ -192,7 +192,6 @@ def hf2dcp(input_dir: str | os.PathLike, output_dir: str | os.PathLike, dtype: t
         if g is None:
             _atomic_write(digest_file, json.dumps({k: _digest(tensors[k]) for k in (EMBED, layout.head_key())
                                                    if k in tensors}))
-        ckpt.release()
         with _single_process_dcp():
             dcp.save({STATE_KEY: tensors}, storage_writer=dcp.FileSystemWriter(part), no_dist=True)
         del tensors
