@@ -580,12 +580,7 @@ def from_pretrained(cls, hf_dir: str | os.PathLike, dtype: torch.dtype | None = 
     state: dict[str, torch.Tensor] = {}
     shared: list[tuple[MappedTensor, torch.Tensor]] = []
     for mapped in plan.tensors:
-        want = expected[mapped.key]
-        target_dtype = want.dtype if mapped.key in buffers or not want.is_floating_point() else dtype
-        t = materialize(mapped, lambda k: ckpt.get(k, target_dtype))
-        if tuple(t.shape) != tuple(want.shape):
-            raise ValueError(f"{', '.join(mapped.sources[:2])}: shape {tuple(t.shape)} does not match "
-                             f"{mapped.key} {tuple(want.shape)} of the model built from config.json")
+        t = load_mapped(ckpt, mapped, expected[mapped.key], mapped.key in buffers, dtype)
         if mapped.op is Op.SHARED:
             shared.append((mapped, t))
         else:
@@ -604,6 +599,19 @@ def from_pretrained(cls, hf_dir: str | os.PathLike, dtype: torch.dtype | None = 
     model.load_state_dict(state, strict=True, assign=True)
     _materialize_meta_buffers(model, device)
     return model
+
+
+def load_mapped(ckpt: SafetensorsCheckpoint, mapped: MappedTensor, want: torch.Tensor, is_buffer: bool,
+                dtype: torch.dtype | None) -> torch.Tensor:
+    """Read and build one of our tensors for the model tensor `want` (a meta tensor of the model built from
+    config.json): buffers and non-float tensors in `want`'s dtype, parameters in `dtype` (None: as stored, FP8 to
+    bf16). Raises ValueError naming the HF source(s) when the shape differs from `want`'s."""
+    target_dtype = want.dtype if is_buffer or not want.is_floating_point() else dtype
+    t = materialize(mapped, lambda k: ckpt.get(k, target_dtype))
+    if tuple(t.shape) != tuple(want.shape):
+        raise ValueError(f"{', '.join(mapped.sources[:2])}: shape {tuple(t.shape)} does not match "
+                         f"{mapped.key} {tuple(want.shape)} of the model built from config.json")
+    return t
 
 
 def _materialize_meta_buffers(model: torch.nn.Module, device: torch.device) -> None:

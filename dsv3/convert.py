@@ -44,7 +44,7 @@ import torch
 
 from .checkpoint import (CONFIG_FILE, EMBED, INDEX_FILE, CheckpointLayout, MappedTensor, Op, SafetensorsCheckpoint,
                          ShardedSafetensorsWriter, check_against, describe_key_problems, iter_ours_to_hf,
-                         materialize, mtp_layers_present, ours_group_of, plan_hf_keys, publish)
+                         load_mapped, mtp_layers_present, ours_group_of, plan_hf_keys, publish)
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 STATE_KEY = "model"          # the DCP entry holding the model state dict (PLAN.md)
@@ -179,9 +179,7 @@ def hf2dcp(input_dir: str | os.PathLike, output_dir: str | os.PathLike, dtype: t
         if problems:
             raise ValueError(f"{_label(g, layout)}: {problems}")
         for mapped in plan.tensors:
-            want = expected[mapped.key]
-            target = want.dtype if mapped.key in buffers or not want.is_floating_point() else dtype
-            t = _materialize_checked(mapped, ckpt, target, want)
+            t = load_mapped(ckpt, mapped, expected[mapped.key], mapped.key in buffers, dtype)
             if mapped.op is Op.SHARED:
                 _check_digest(mapped, t, digests, ignore_mtp_copies, log)
             else:
@@ -227,15 +225,6 @@ def _part_name(group: int | None) -> str:
 
 def _shards_done(shard_groups: dict[str, set], done: set) -> int:
     return sum(1 for gs in shard_groups.values() if gs <= done)
-
-
-def _materialize_checked(mapped: MappedTensor, ckpt: SafetensorsCheckpoint, dtype: torch.dtype,
-                         want: torch.Tensor) -> torch.Tensor:
-    t = materialize(mapped, lambda k: ckpt.get(k, dtype))
-    if tuple(t.shape) != tuple(want.shape):
-        raise ValueError(f"{', '.join(mapped.sources[:2])}: shape {tuple(t.shape)} does not match {mapped.key} "
-                         f"{tuple(want.shape)} of the model built from config.json")
-    return t
 
 
 def _check_digest(mapped: MappedTensor, t: torch.Tensor, digests: dict, ignore: bool, log) -> None:
