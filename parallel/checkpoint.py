@@ -139,21 +139,28 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[-1] if lines else ''}"
 
 
-def _dcp_load(state: dict, path: Path) -> None:
+def _dcp_load(state: dict, path: Path, what: str = "cannot load checkpoint", **load_kwargs) -> None:
+    """dcp.load(state) from `path` (load_kwargs: planner, no_dist); any failure becomes one CheckpointError
+    "{what} {path}: {reason}"."""
     try:
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, checkpoint_id=str(path), **load_kwargs)
     # DCP raises many types (unpickling, missing keys, shape mismatch), and CheckpointException derives from
     # BaseException: catch both and name the directory.
     except (Exception, CheckpointException) as e:
-        raise CheckpointError(f"cannot load checkpoint {path}: {_reason(e)}") from e
+        raise CheckpointError(f"{what} {path}: {_reason(e)}") from e
+
+
+def _read_metadata(path: Path, what: str = "cannot load checkpoint"):
+    """The checkpoint's DCP metadata; a failure becomes one CheckpointError "{what} {path}: {reason}"."""
+    try:
+        return dcp.FileSystemReader(str(path)).read_metadata()
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"{what} {path}: {_reason(e)}") from e
 
 
 def _stored_train_keys(path: Path) -> list[str]:
     """The keys of the checkpoint's "train" entry, from its DCP metadata."""
-    try:
-        md = dcp.FileSystemReader(str(path)).read_metadata()
-    except (Exception, CheckpointException) as e:
-        raise CheckpointError(f"cannot load checkpoint {path}: {_reason(e)}") from e
+    md = _read_metadata(path)
     return [fqn[len("train."):] for fqn in md.state_dict_metadata if fqn.startswith("train.")]
 
 
@@ -164,11 +171,8 @@ def read_train_state(path: str | os.PathLike) -> dict:
     path = Path(path)
     _check_readable(path)
     state = {"train": {k: None for k in _stored_train_keys(path)}}
-    try:
-        dcp.load(state, checkpoint_id=str(path), planner=dcp.DefaultLoadPlanner(allow_partial_load=True),
-                 no_dist=not dist.is_initialized())
-    except (Exception, CheckpointException) as e:
-        raise CheckpointError(f"cannot load checkpoint {path}: {_reason(e)}") from e
+    _dcp_load(state, path, planner=dcp.DefaultLoadPlanner(allow_partial_load=True),
+              no_dist=not dist.is_initialized())
     return dict(state["train"])
 
 
@@ -204,10 +208,7 @@ def _check_model_entries(path: Path, sd: dict, strict: bool) -> None:
     """Compare the checkpoint's "model" entries with the model's state dict (global shapes) before reading any
     tensor: one error naming the mismatched, missing and (strict) unexpected keys, instead of DCP's per-rank
     tracebacks."""
-    try:
-        md = dcp.FileSystemReader(str(path)).read_metadata()
-    except (Exception, CheckpointException) as e:
-        raise CheckpointError(f"cannot read checkpoint metadata of {path}: {_reason(e)}") from e
+    md = _read_metadata(path, "cannot read checkpoint metadata of")
     stored = {k.removeprefix("model."): m for k, m in md.state_dict_metadata.items() if k.startswith("model.")}
     if not stored:
         raise CheckpointError(f"{path} holds no model weights (no 'model' entry)")
@@ -232,10 +233,7 @@ def load_model_weights(model: nn.Module, dcp_dir: str | os.PathLike, strict: boo
     _check_readable(path)
     sd = get_model_state_dict(model)
     _check_model_entries(path, sd, strict)
-    try:
-        dcp.load({"model": sd}, checkpoint_id=str(path),
-                 planner=dcp.DefaultLoadPlanner(allow_partial_load=not strict))
-    except (Exception, CheckpointException) as e:
-        raise CheckpointError(f"cannot load model weights from {path}: {_reason(e)}") from e
+    _dcp_load({"model": sd}, path, "cannot load model weights from",
+              planner=dcp.DefaultLoadPlanner(allow_partial_load=not strict))
     set_model_state_dict(model, sd, options=StateDictOptions(strict=strict))
     return model
