@@ -57,6 +57,6 @@ def build_meshes(ep: int, num_experts: int | None = None, device_type: str | Non
 
 def local_device() -> torch.device:
     """The device this rank computes on: its CUDA device under NCCL, else the CPU."""
-    if dist.is_initialized() and dist.get_backend() == "nccl":
+    if dist.is_initialized() and mesh_device_type() == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
