@@ -65,15 +65,14 @@ def apply_fsdp(model: nn.Module, dense_mesh: DeviceMesh, expert_mesh: DeviceMesh
     """
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     world = dense_mesh.size()
-    if param_dtype is not None and param_dtype != torch.float32:
-        keep = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=reduce_dtype)
-        for _, moe in find_moe_layers(model):
-            gate = getattr(moe, "gate", None)
-            if isinstance(gate, nn.Module) and any(True for _ in gate.parameters()):
-                fully_shard(gate, mesh=dense_mesh, mp_policy=keep, reshard_after_forward=reshard_after_forward)
-    if expert_mesh is not None:
-        edp_mesh = expert_mesh["edp"] if expert_mesh.ndim > 1 else expert_mesh
-        for _, moe in find_moe_layers(model):
+    low_precision = param_dtype is not None and param_dtype != torch.float32
+    keep = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=reduce_dtype)
+    edp_mesh = None if expert_mesh is None else expert_mesh["edp"] if expert_mesh.ndim > 1 else expert_mesh
+    for _, moe in find_moe_layers(model):
+        gate = getattr(moe, "gate", None)
+        if low_precision and isinstance(gate, nn.Module) and any(True for _ in gate.parameters()):
+            fully_shard(gate, mesh=dense_mesh, mp_policy=keep, reshard_after_forward=reshard_after_forward)
+        if edp_mesh is not None:
             fully_shard(moe.experts, mesh=edp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
             moe.experts.set_gradient_divide_factor(float(world))
             if edp_mesh.size() > 1 and dist.get_backend(edp_mesh.get_group()) != "nccl":
