@@ -178,11 +178,12 @@ class DeepseekV3Config:
                 kwargs[k] = 0
         return cls(**kwargs, rope_theta=rope_theta, rope_scaling=rope_scaling)
 
-    def to_hf(self) -> dict[str, Any]:
+    def to_hf(self, for_transformers: bool = True) -> dict[str, Any]:
         """The config as a ``config.json`` dict for transformers 5's ``DeepseekV3Config`` (rope in its
         ``rope_parameters`` spelling).  transformers ignores ``moe_layer_freq`` (every layer from
-        ``first_k_dense_replace`` on is MoE there), so a config with another value is refused."""
-        if self.moe_layer_freq != 1:
+        ``first_k_dense_replace`` on is MoE there), so a config with another value is refused, unless
+        ``for_transformers=False``: the dict is then for our own reader (``from_hf``), which keeps the value."""
+        if for_transformers and self.moe_layer_freq != 1:
             raise ValueError(f"to_hf: moe_layer_freq={self.moe_layer_freq} cannot be expressed for transformers'"
                              f" DeepseekV3 (it makes every layer from first_k_dense_replace on an MoE layer)")
         d = dataclasses.asdict(self)
