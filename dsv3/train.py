@@ -177,12 +177,9 @@ def _load_config(preset: str | None, init_from: str | None) -> DeepseekV3Config:
 
 def _checkpoint_config(cfg: DeepseekV3Config) -> dict:
     """The model's config.json for a checkpoint folder (the file `convert` writes: cfg.to_hf()), which
-    from_hf reads back to the same model. to_hf refuses moe_layer_freq != 1, which transformers cannot express;
-    our own reader can, so such a config is written with the key kept as it is."""
-    try:
-        return cfg.to_hf()
-    except ValueError:
-        return {**cfg.replace(moe_layer_freq=1).to_hf(), "moe_layer_freq": cfg.moe_layer_freq}
+    from_hf reads back to the same model. A moe_layer_freq != 1, which transformers cannot express (to_hf
+    refuses it by default), is written as it is: our own reader keeps it."""
+    return cfg.to_hf(for_transformers=False)
 
 
 def _train_state(args, corpus) -> dict:
