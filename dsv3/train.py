@@ -128,10 +128,16 @@ def _init_distributed() -> None:
         dist.init_process_group("gloo", **alone)
 
 
+def _schedule(args) -> tuple[int, int]:
+    """(warmup, total) of the LR schedule: total = --decay-steps (default --steps), warmup = --warmup (default
+    total // 10)."""
+    total = args.decay_steps or args.steps
+    return (total // 10 if args.warmup is None else args.warmup), total
+
+
 def _lr_at(step: int, args) -> float:
     """Linear warmup over steps 1..warmup, then cosine from lr to lr * min_lr_ratio at step decay_steps."""
-    total = args.decay_steps or args.steps
-    warmup = total // 10 if args.warmup is None else args.warmup
+    warmup, total = _schedule(args)
     if step <= warmup:  # never true for warmup 0
         return args.lr * step / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -185,20 +191,18 @@ def _checkpoint_config(cfg: DeepseekV3Config) -> dict:
 def _train_state(args, corpus) -> dict:
     """What a checkpoint records so that a resume can refuse to train something else: batch layout, data source
     and LR schedule (resolved: --warmup and --decay-steps as _lr_at uses them)."""
-    total = args.decay_steps or args.steps
+    warmup, total = _schedule(args)
     return {"seed": args.seed, "batch_size": args.batch_size, "seq_len": args.seq_len,
             "data": str(Path(args.data).resolve()) if args.data is not None else None,
             "data_dtype": args.data_dtype,
             "data_tokens": f"{corpus.train.size} train + {corpus.val.size} validation tokens",
-            "lr": args.lr, "warmup": total // 10 if args.warmup is None else args.warmup, "decay_steps": total,
+            "lr": args.lr, "warmup": warmup, "decay_steps": total,
             "min_lr_ratio": args.min_lr_ratio, "weight_decay": args.weight_decay, "clip": args.clip}
 
 
-# train state key -> how the message names it
-_RESUME_OPTIONS = {"seed": "--seed", "batch_size": "--batch-size", "seq_len": "--seq-len", "data": "--data",
-                   "data_dtype": "--data-dtype", "data_tokens": "--data holding", "lr": "--lr", "warmup": "--warmup",
-                   "decay_steps": "--decay-steps", "min_lr_ratio": "--min-lr-ratio",
-                   "weight_decay": "--weight-decay", "clip": "--clip"}
+def _resume_option(key: str) -> str:
+    """How a resume message names a train state key: its command-line option (data_tokens: the data's size)."""
+    return "--data holding" if key == "data_tokens" else "--" + key.replace("_", "-")
 
 
 def _check_resume(args, corpus, recorded: dict, ckpt: Path) -> dict:
@@ -217,9 +221,9 @@ def _check_resume(args, corpus, recorded: dict, ckpt: Path) -> dict:
     unchecked = []
     for key, value in state.items():
         if key not in recorded:  # a checkpoint written before the key was recorded
-            unchecked.append(_RESUME_OPTIONS[key])
+            unchecked.append(_resume_option(key))
         elif recorded[key] != value:
-            option = _RESUME_OPTIONS[key]
+            option = _resume_option(key)
             fix = ("the data changed since the checkpoint" if key == "data_tokens" else
                    "pass the same value (only --steps and options that do not change the training may differ)")
             raise ValueError(f"--resume: checkpoint {ckpt} was trained with {option} {show(recorded[key])}, this run "
