@@ -10,7 +10,8 @@ Bytes counted are the activation traffic the op cannot avoid, the same for every
 
 Providers, same buffers, one run:
   ours         tritonmoe.kernels.permute / unpermute
-  torch_index  permute: stable argsort + bincount + index_select + row_map scatter (the whole op);
+  torch_index  permute: tritonmoe.kernels.permute_torch, the PyTorch twin (stable argsort + bincount +
+               index_select + row_map scatter: the whole op, as a plain-PyTorch dispatcher does it);
                unpermute: index_add_ of weighted rows into [T,H], with the row -> token map and per-row
                weights computed beforehand (untimed, as a dispatcher that kept them from permute would)
   copy         one device copy moving the same number of bytes (the ceiling)
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from tritonmoe.kernels import permute_torch
 
 if __package__ in (None, ""):  # run as a file (python bench/bench_permute.py): make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -58,18 +61,6 @@ def random_routing(T: int, K: int, E: int, device: torch.device) -> tuple[torch.
     return topk_idx, topk_w / topk_w.sum(1, keepdim=True)
 
 
-def torch_index_permute(x_TH: torch.Tensor, topk_idx_TK: torch.Tensor, E: int):
-    """What a plain-PyTorch dispatcher does: sort routed rows by expert (stable, so tokens stay ascending)."""
-    T, K = topk_idx_TK.shape
-    flat_R = topk_idx_TK.reshape(-1)
-    order_R = torch.argsort(flat_R, stable=True)
-    x_sorted_RH = torch.index_select(x_TH, 0, order_R // K)
-    group_sizes_E = torch.bincount(flat_R, minlength=E)
-    row_map_R = torch.empty_like(order_R)
-    row_map_R[order_R] = torch.arange(T * K, device=x_TH.device)
-    return x_sorted_RH, group_sizes_E, row_map_R.view(T, K)
-
-
 def combine_metadata(row_map_TK: torch.Tensor, topk_w_TK: torch.Tensor, dtype: torch.dtype):
     """Per sorted row: the token it returns to and its routing weight (what index_add_ needs)."""
     T, K = row_map_TK.shape
@@ -97,13 +88,17 @@ def run_case(T: int, K: int, H: int, E: int, device: torch.device, quick: bool) 
     R = T * K
     n_sets = common.rotation_count((T + 2 * R) * H * es, device)
     sets = []
-    for _ in range(n_sets):
+    for i in range(n_sets):
         topk_idx, topk_w = random_routing(T, K, E, device)
         x = torch.randn(T, H, device=device, dtype=dtype)
         y_sorted = torch.randn(R, H, device=device, dtype=dtype)
-        _, _, row_map = torch_index_permute(x, topk_idx, E)
+        perm = permute_torch(x, topk_idx, E)
+        if i == 0:
+            ref_p = perm  # set 0's torch permute: what ours is checked against
+        row_map = perm[2]
         sets.append({"x": x, "idx": topk_idx, "w": topk_w, "y_sorted": y_sorted, "row_map": row_map,
                      "meta": combine_metadata(row_map, topk_w, dtype)})
+    del perm
     n_bytes = (T + R) * H * es
     # Rotated like the ops' inputs, so the ceiling is not flattered by a source left in cache.
     copy_sets = [(dst, src) for src, dst in (_copy_pair(n_bytes, dtype, device) for _ in range(n_sets))]
@@ -114,17 +109,17 @@ def run_case(T: int, K: int, H: int, E: int, device: torch.device, quick: bool) 
     perm_fn, perm_backend = common.ours_op("permute", device)
     unperm_fn, unperm_backend = common.ours_op("unpermute", device)
     s0 = sets[0]
-    ours_p, ref_p = perm_fn(s0["x"], s0["idx"], E), torch_index_permute(s0["x"], s0["idx"], E)
+    ours_p = perm_fn(s0["x"], s0["idx"], E)
     perm_ok = torch.equal(ours_p[0], ref_p[0]) and all(  # index outputs must match exactly
         torch.equal(a.long(), b.long()) for a, b in zip(ours_p[1:], ref_p[1:]))
     ours_u = unperm_fn(s0["y_sorted"], s0["row_map"], s0["w"])
     ref_u = torch_index_unpermute(s0["y_sorted"], *s0["meta"], T)
-    unperm_err = float(((ours_u.float() - ref_u.float()).abs().max() / ref_u.float().abs().max()).item())
+    unperm_err = common.max_rel_err(ours_u, ref_u)
 
     ops = {
         "permute": {
             "ours": (perm_fn, [(s["x"], s["idx"], E) for s in sets], perm_backend, {"matches_torch_index": perm_ok}),
-            "torch_index": (torch_index_permute, [(s["x"], s["idx"], E) for s in sets], torch_backend, {}),
+            "torch_index": (permute_torch, [(s["x"], s["idx"], E) for s in sets], torch_backend, {}),
         },
         "unpermute": {
             "ours": (unperm_fn, [(s["y_sorted"], s["row_map"], s["w"]) for s in sets], unperm_backend,

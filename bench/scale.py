@@ -21,14 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
-
-if __package__ in (None, ""):  # run as a file (python bench/scale.py): make `bench` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    __package__ = "bench"
 
 GB = 1e9
 GPU_MEMORY_GB = 80.0  # H100 SXM5 80GB (datasheet); ~2-3 GB go to the CUDA context and NCCL buffers
