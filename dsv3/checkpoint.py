@@ -660,19 +660,41 @@ def save_pretrained(model, out_dir: str | os.PathLike, max_shard_bytes: int = 5 
     if sharded:
         raise ValueError(f"save_pretrained needs plain tensors, but {sharded[0]} is a DTensor (FSDP/EP model): save "
                          "it with DCP and convert with `python -m tritonmoe.dsv3.convert dcp2hf`")
+    dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
+    hf_cfg["dtype"] = str(dtype).removeprefix("torch.")
+    write_hf_checkpoint(out_dir, hf_cfg, layout, ours_groups(state, layout), lambda keys: {k: state[k] for k in keys},
+                        state.__getitem__, max_shard_bytes)
+
+
+def ours_groups(keys: Iterable[str], layout: CheckpointLayout) -> dict[int | None, list[str]]:
+    """Our keys by group id (``ours_group_of``) in writing order: globals first, then HF layers ascending."""
+    by_group: dict[int | None, list[str]] = defaultdict(list)
+    for k in keys:
+        by_group[ours_group_of(k, layout)].append(k)
+    return dict(sorted(by_group.items(), key=lambda kv: -1 if kv[0] is None else kv[0]))
+
+
+def write_hf_checkpoint(out_dir: str | os.PathLike, hf_cfg: Mapping, layout: CheckpointLayout,
+                        groups: Mapping[int | None, list[str]],
+                        load: Callable[[list[str]], Mapping[str, torch.Tensor]],
+                        get_main: Callable[[str], torch.Tensor], max_shard_bytes: int,
+                        after_group: Callable[[int | None, Mapping[str, torch.Tensor]], None] | None = None) -> None:
+    """The HF writing loop of ``save_pretrained`` and ``convert dcp2hf``: for each group of our keys (``ours_groups``)
+    `load(keys)` gives our tensors, written in the published per-expert layout (``iter_ours_to_hf``, MTP copies
+    from `get_main`) into sharded safetensors under ``<out_dir>.partial``; `after_group(group, tensors)` runs
+    after each group is written. Then `hf_cfg` goes to config.json and the result is published into `out_dir`."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
-    by_group: dict[int | None, dict[str, torch.Tensor]] = defaultdict(dict)
-    for k, v in state.items():
-        by_group[ours_group_of(k, layout)][k] = v
-    for g in sorted(by_group, key=lambda g: -1 if g is None else g):
-        for hf_key, t in iter_ours_to_hf(by_group[g], layout, state.__getitem__):
+    for g, keys in groups.items():
+        tensors = load(keys)
+        for hf_key, t in iter_ours_to_hf(tensors, layout, get_main):
             writer.add(hf_key, t)
+        if after_group is not None:
+            after_group(g, tensors)
+        del tensors
     writer.finish()
-    dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
-    hf_cfg["dtype"] = str(dtype).removeprefix("torch.")
     (tmp / CONFIG_FILE).write_text(json.dumps(hf_cfg, indent=2) + "\n")
     publish(tmp, out_dir)
 

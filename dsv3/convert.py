@@ -43,8 +43,8 @@ from typing import Callable
 import torch
 
 from .checkpoint import (CONFIG_FILE, EMBED, INDEX_FILE, CheckpointLayout, MappedTensor, Op, SafetensorsCheckpoint,
-                         ShardedSafetensorsWriter, check_against, describe_key_problems, iter_ours_to_hf,
-                         load_mapped, mtp_layers_present, ours_group_of, plan_hf_keys, publish)
+                         check_against, describe_key_problems, load_mapped, mtp_layers_present, ours_groups,
+                         plan_hf_keys, write_hf_checkpoint)
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 STATE_KEY = "model"          # the DCP entry holding the model state dict (PLAN.md)
@@ -308,16 +308,16 @@ def dcp2hf(input_dir: str | os.PathLike, output_dir: str | os.PathLike, config: 
                      planner=dcp.DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
         return sd
 
-    groups: dict[int | None, list[str]] = {}
-    for k in stored:
-        groups.setdefault(ours_group_of(k, layout), []).append(k)
-    order = sorted(groups, key=lambda g: -1 if g is None else g)
+    out_cfg = hf_cfg  # `layout` stays the one of the model's config: MTP keys are mapped by it
+    if not has_mtp and layout.num_mtp_layers:
+        out_cfg = {**out_cfg, "num_nextn_predict_layers": 0}
+    # DCP never holds FP8 (hf2dcp dequantizes), so a --config taken from the published FP8 checkpoint must lose
+    # its quantization_config here too.
+    out_cfg = _plain_config(out_cfg, log)
+    groups = ours_groups(stored, layout)
     out = Path(output_dir)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
     total = sum(m.size.numel() * m.properties.dtype.itemsize for m in stored.values())
-    progress = Progress("dcp2hf", len(order), total, None, log)
+    progress = Progress("dcp2hf", len(groups), total, None, log)
     done, t0 = 0, time.monotonic()
     main_cache: dict[str, torch.Tensor] = {}  # embedding/head, read only for MTP groups, which copy them
 
@@ -326,22 +326,13 @@ def dcp2hf(input_dir: str | os.PathLike, output_dir: str | os.PathLike, config: 
             main_cache[key] = load([key])[key]
         return main_cache[key]
 
-    for g in order:
-        tensors = load(groups[g])
-        for hf_key, t in iter_ours_to_hf(tensors, layout, get_main):
-            writer.add(hf_key, t)
+    def after_group(g: int | None, tensors: dict[str, torch.Tensor]) -> None:
+        nonlocal done
         done += sum(t.numel() * t.element_size() for t in tensors.values())
-        del tensors
         main_cache.clear()
         progress.step(_label(g, layout), done)
-    writer.finish()
-    if not has_mtp and layout.num_mtp_layers:
-        hf_cfg = {**hf_cfg, "num_nextn_predict_layers": 0}
-    # DCP never holds FP8 (hf2dcp dequantizes), so a --config taken from the published FP8 checkpoint must lose
-    # its quantization_config here too.
-    hf_cfg = _plain_config(hf_cfg, log)
-    _atomic_write(tmp / CONFIG_FILE, json.dumps(hf_cfg, indent=2) + "\n")
-    publish(tmp, out)
+
+    write_hf_checkpoint(out, out_cfg, layout, groups, load, get_main, max_shard_bytes, after_group)
     seconds = time.monotonic() - t0
     log(f"[dcp2hf] wrote {out}: {done / 2**20:.1f} MiB in {seconds:.1f}s ({done / 2**20 / max(seconds, 1e-9):.1f} MiB/s)")
     return {"bytes": done, "seconds": seconds, "index": str(out / INDEX_FILE)}
