@@ -269,8 +269,10 @@ def dcp2hf(input_dir: str | os.PathLike, output_dir: str | os.PathLike, config: 
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    from ..parallel.checkpoint import is_complete
+
     src = Path(input_dir)
-    if not (src / ".metadata").is_file():
+    if not is_complete(src):
         raise ValueError(f"{src} is not a complete DCP checkpoint (no .metadata)")
     cfg_path = Path(config) if config is not None else src / CONFIG_FILE
     if not cfg_path.is_file():
