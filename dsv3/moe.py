@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import grouped_gemm, permute, unpermute
+from ..kernels import grouped_gemm, permute, swiglu, unpermute
 from .config import DeepseekV3Config
 
 
@@ -177,8 +177,7 @@ class GroupedExperts(nn.Module):
     def forward(self, x_RH: torch.Tensor, group_sizes_L: torch.Tensor) -> torch.Tensor:
         w13_L2IH, w2_LHI = _local(self.gate_up_proj), _local(self.down_proj)
         h_R2I = grouped_gemm(x_RH, w13_L2IH, group_sizes_L)  # one GEMM for gate and up together
-        gate_RI, up_RI = h_R2I.chunk(2, dim=-1)
-        return grouped_gemm(F.silu(gate_RI) * up_RI, w2_LHI, group_sizes_L)
+        return grouped_gemm(swiglu(h_R2I), w2_LHI, group_sizes_L)  # silu(gate) * up, saving only h_R2I
 
 
 class LocalDispatcher:

@@ -29,12 +29,15 @@ if (_installed := _installed_self()) is not None:
 else:
     from .grouped_gemm import grouped_gemm, grouped_gemm_torch
     from .permute import permute, permute_torch, unpermute, unpermute_torch
+    from .swiglu import swiglu, swiglu_torch
 
 __all__ = [
     "grouped_gemm",
     "grouped_gemm_torch",
     "permute",
     "permute_torch",
+    "swiglu",
+    "swiglu_torch",
     "unpermute",
     "unpermute_torch",
 ]

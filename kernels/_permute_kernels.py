@@ -18,24 +18,14 @@ of bounds (the launcher checks values on CPU and with torch._assert_async on CUD
 
 Interpreter note (Triton 3.9, TRITON_INTERPRET=1): bf16 values are held as uint16, so arithmetic happens
 only after ``.to(tl.float32)`` (exact), and the interpreter's fp32 -> bf16 cast truncates instead of
-rounding; ``_round_to`` rounds to nearest even by hand there so CPU results match compiled ones bit for bit.
+rounding; ``_jit_common.round_to`` rounds to nearest even by hand there so CPU results match compiled ones
+bit for bit.
 """
 
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _round_to(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
-    """fp32 -> dtype, round to nearest even (the compiled cvt.rn does this; the interpreter truncates)."""
-    if INTERPRET and dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        # Adding the rounding bias to a NaN with a small payload would carry it into inf: keep it quiet NaN.
-        hi = tl.where(x != x, 0x7FC0, rounded)
-        return hi.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(dtype)
+from ._jit_common import round_to as _round_to
 
 
 @triton.jit

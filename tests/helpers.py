@@ -37,3 +37,58 @@ def use_twins(monkeypatch) -> None:
     transformers parity tests run every case on both paths.
     """
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hopper: compile what a launcher issues for sm_90a (no GPU needed) and read the PTX.
+
+_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
+                 torch.int32: "i32"}
+
+
+class LaunchRecorder:
+    """Stands in for a kernel: records `kernel[grid](*args, **kwargs)` instead of running it."""
+
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((self.kernel, args, kwargs))
+
+
+def sm90_job(kernel, args, kwargs):
+    """The Sm90Job Triton's launcher would build: pointers and ints that are multiples of 16 get
+    divisibility 16, ints equal to 1 become constants (so unit strides fold and accesses vectorise)."""
+    from tritonmoe.kernels._sm90 import Sm90Job
+
+    names = kernel.arg_names
+    signature, constexprs, aligned = {}, {}, []
+    for name, value in zip(names, args):
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + _TRITON_DTYPE[value.dtype]
+            if value.data_ptr() % 16 == 0:
+                aligned.append(name)
+        elif value == 1:
+            signature[name], constexprs[name] = "constexpr", 1
+        else:
+            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                aligned.append(name)
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    for name, value in kwargs.items():
+        signature[name], constexprs[name] = "constexpr", value
+    constexprs["INTERPRET"] = False  # what the launcher passes for a CUDA tensor
+    return Sm90Job(kernel, signature, constexprs, aligned=tuple(aligned), **options)
+
+
+def global_accesses(ptx):
+    """Counts of global loads/stores, with 16-byte vectors (v4 x 32 bit, v2 x 64 bit) folded into ld16/st16."""
+    import re
+    from collections import Counter
+
+    counts = Counter()
+    for op in re.findall(r"\b((?:ld|st)\.global[\w.:]*)", ptx):
+        op = re.sub(r"\.(L1|L2)::[\w:]+|\.nc", "", op)  # cache hints do not change the width
+        wide = op.endswith((".v4.b32", ".v4.f32", ".v4.u32", ".v2.b64", ".v2.u64"))
+        counts[op[:2] + "16" if wide else op] += 1
+    return dict(counts)

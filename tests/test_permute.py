@@ -3,7 +3,7 @@
 Index outputs (x_sorted, group_sizes, row_map) must match the twin exactly; sums and gradients are compared
 with per-dtype tolerances against the twin run in fp32. Launcher outputs are poisoned before each launch so
 an unwritten row shows as NaN / -1. torch.library.opcheck covers the registered ops, and a small MoE expert
-path compiled with fullgraph=True proves permute -> grouped_gemm -> unpermute trace without a graph break.
+path compiled with fullgraph=True proves permute -> grouped_gemm -> swiglu -> unpermute trace without a graph break.
 The last tests compile every kernel variant the launchers issue for sm_90a and read the PTX: 16-byte global
 accesses, each token row read once / written K times, no spills.
 """
@@ -13,8 +13,8 @@ import importlib
 import pytest
 import torch
 
-from helpers import assert_close, poison_
-from tritonmoe.kernels import grouped_gemm, permute, permute_torch, unpermute, unpermute_torch
+from helpers import LaunchRecorder, assert_close, global_accesses, poison_, sm90_job
+from tritonmoe.kernels import grouped_gemm, permute, permute_torch, swiglu, unpermute, unpermute_torch
 
 # The module itself (the package attribute `permute` is the function): launchers and kernels.
 pm = importlib.import_module("tritonmoe.kernels.permute")
@@ -378,8 +378,7 @@ def test_torch_library_opcheck(name, dtype):
 def _moe_experts(x, topk_idx, topk_weights, w13, w2):
     """A small MoE expert path: dispatch, fused gate/up GEMM, SwiGLU, down GEMM, weighted combine."""
     x_sorted, group_sizes, row_map = permute(x, topk_idx, w13.shape[0])
-    gate, up = grouped_gemm(x_sorted, w13, group_sizes).chunk(2, dim=-1)
-    h = grouped_gemm(torch.nn.functional.silu(gate) * up, w2, group_sizes)
+    h = grouped_gemm(swiglu(grouped_gemm(x_sorted, w13, group_sizes)), w2, group_sizes)
     return unpermute(h, row_map, topk_weights)
 
 
@@ -410,51 +409,12 @@ def test_compiled_moe_path_has_no_graph_break():
 # ---------------------------------------------------------------------------------------------------------
 # Hopper: compile what the launchers issue for sm_90a (no GPU needed) and read the PTX.
 
-_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
-                 torch.int32: "i32"}
-
-
-class _LaunchRecorder:
-    """Stands in for a kernel: records `kernel[grid](*args, **kwargs)` instead of running it."""
-
-    def __init__(self, kernel, launches):
-        self.kernel, self.launches = kernel, launches
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launches.append((self.kernel, args, kwargs))
-
-
-def _sm90_job(kernel, args, kwargs):
-    """The Sm90Job Triton's launcher would build: pointers and ints that are multiples of 16 get
-    divisibility 16, ints equal to 1 become constants (so unit strides fold and accesses vectorise)."""
-    from tritonmoe.kernels._sm90 import Sm90Job
-
-    names = kernel.arg_names
-    signature, constexprs, aligned = {}, {}, []
-    for name, value in zip(names, args):
-        if isinstance(value, torch.Tensor):
-            signature[name] = "*" + _TRITON_DTYPE[value.dtype]
-            if value.data_ptr() % 16 == 0:
-                aligned.append(name)
-        elif value == 1:
-            signature[name], constexprs[name] = "constexpr", 1
-        else:
-            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
-            if value % 16 == 0:
-                aligned.append(name)
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
-    for name, value in kwargs.items():
-        signature[name], constexprs[name] = "constexpr", value
-    constexprs["INTERPRET"] = False  # what the launcher passes for a CUDA tensor
-    return Sm90Job(kernel, signature, constexprs, aligned=tuple(aligned), **options)
-
-
 def _record_dsv3_launches(monkeypatch):
     """Every kernel variant a DeepSeek-V3 layer launches (H=7168, K=8, fp32 routing weights) for bf16 and fp32
     rows (fp16 compiles to the same 16-bit moves as bf16; the interpreter tests cover its arithmetic)."""
     launches = []
     for name in ("_scatter_rows_kernel", "_gather_rows_kernel", "_unpermute_bwd_kernel"):
-        monkeypatch.setattr(pm, name, _LaunchRecorder(getattr(pm, name), launches))
+        monkeypatch.setattr(pm, name, LaunchRecorder(getattr(pm, name), launches))
     T, H, K, E = 4, 7168, 8, 16
     topk_idx = make_routing(T, K, E, "topk")
     for dtype in (torch.bfloat16, torch.float32):
@@ -485,30 +445,17 @@ def _expected_accesses(name, constexprs):
     return {op: n for op, n in counts.items() if n}
 
 
-def _global_accesses(ptx):
-    """Counts of global loads/stores, with 16-byte vectors (v4 x 32 bit, v2 x 64 bit) folded into ld16/st16."""
-    import re
-    from collections import Counter
-
-    counts = Counter()
-    for op in re.findall(r"\b((?:ld|st)\.global[\w.:]*)", ptx):
-        op = re.sub(r"\.(L1|L2)::[\w:]+|\.nc", "", op)  # cache hints do not change the width
-        wide = op.endswith((".v4.b32", ".v4.f32", ".v4.u32", ".v2.b64", ".v2.u64"))
-        counts[op[:2] + "16" if wide else op] += 1
-    return dict(counts)
-
-
 def test_kernels_compile_for_sm90a_with_16_byte_accesses_and_no_spills(monkeypatch):
     from tritonmoe.kernels._sm90 import compile_sm90_all
 
     launches = _record_dsv3_launches(monkeypatch)
     jobs = {}
     for kernel, args, kwargs in launches:
-        job = _sm90_job(kernel, args, dict(kwargs))
+        job = sm90_job(kernel, args, dict(kwargs))
         jobs[(job.kernel.__name__, tuple(sorted(job.signature.items())), tuple(sorted(job.constexprs.items())))] = job
     # 2 dtypes x (scatter, gather, weighted gather, fused bwd, dw-only bwd, weighted scatter).
     assert len(jobs) == 12
     for job, rep in zip(jobs.values(), compile_sm90_all(list(jobs.values()))):
         assert rep.spill_bytes == 0 and rep.local_ops == 0, f"{rep.name}: spills {rep.spill_bytes} bytes"
-        got = _global_accesses(rep.ptx)
+        got = global_accesses(rep.ptx)
         assert got == _expected_accesses(job.kernel.__name__, job.constexprs), f"{rep.name}: {got}"
