@@ -1,6 +1,6 @@
-"""python -m bench [--quick] [--out FILE] [--only gemm,permute,moe] [--device DEV] | --compile-report
+"""python -m bench [--quick] [--out FILE] [--only gemm,permute,swiglu,moe] [--device DEV] | --compile-report
 
-Runs the grouped-GEMM, permute and MoE-layer benchmarks on whatever device exists (CUDA if present, else
+Runs the grouped-GEMM, permute, SwiGLU and MoE-layer benchmarks on whatever device exists (CUDA if present, else
 CPU with small shapes), writes one JSON file (device name, torch/triton versions, date, every figure) and
 prints the tables last. --quick is the CI-sized run.
 
@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from . import bench_grouped_gemm, bench_moe, bench_permute, common
+from . import bench_grouped_gemm, bench_moe, bench_permute, bench_swiglu, common
 
-BENCHES = {"gemm": bench_grouped_gemm, "permute": bench_permute, "moe": bench_moe}
+BENCHES = {"gemm": bench_grouped_gemm, "permute": bench_permute, "swiglu": bench_swiglu, "moe": bench_moe}
 DEFAULT_OUT = "bench-results.json"
 CPU_CAVEAT = ("CPU run: 'ours' is the PyTorch twin of each kernel on this host's cores; these figures check "
               "the harness and say nothing about GPU performance.")

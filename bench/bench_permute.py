@@ -76,12 +76,6 @@ def torch_index_unpermute(y_sorted_RH: torch.Tensor, tok_R: torch.Tensor, w_R: t
     return y_TH.index_add_(0, tok_R, y_sorted_RH * w_R[:, None])
 
 
-def _copy_pair(n_bytes_moved: int, dtype: torch.dtype, device: torch.device):
-    """Source and destination whose copy reads and writes `n_bytes_moved` bytes in total."""
-    n = n_bytes_moved // 2 // (torch.finfo(dtype).bits // 8)
-    return torch.randn(n, device=device, dtype=dtype), torch.empty(n, device=device, dtype=dtype)
-
-
 def run_case(T: int, K: int, H: int, E: int, device: torch.device, quick: bool) -> list[dict[str, Any]]:
     dtype = common.bench_dtype(device)
     es = torch.finfo(dtype).bits // 8
@@ -100,8 +94,7 @@ def run_case(T: int, K: int, H: int, E: int, device: torch.device, quick: bool) 
                      "meta": combine_metadata(row_map, topk_w, dtype)})
     del perm
     n_bytes = (T + R) * H * es
-    # Rotated like the ops' inputs, so the ceiling is not flattered by a source left in cache.
-    copy_sets = [(dst, src) for src, dst in (_copy_pair(n_bytes, dtype, device) for _ in range(n_sets))]
+    copy_sets = common.copy_sets(n_bytes, dtype, device, n_sets)
     torch_backend = f"torch {torch.__version__} ({device.type})"
     case = {"T": T, "K": K, "H": H, "E": E, "dtype": str(dtype).replace("torch.", ""), "bytes": n_bytes}
     rows: list[dict[str, Any]] = []

@@ -189,6 +189,15 @@ def rotation_count(bytes_per_set: int, device: torch.device, want: int = 4) -> i
     return max(1, min(want, int(0.25 * free // max(bytes_per_set, 1))))
 
 
+def copy_sets(n_bytes_moved: int, dtype: torch.dtype, device: torch.device, n_sets: int) -> list[tuple]:
+    """`n_sets` (dst, src) pairs for ``torch.Tensor.copy_``, each copy reading and writing `n_bytes_moved`
+    bytes in total: the bandwidth ceiling of a memory-bound op, rotated like the op's own inputs so the
+    ceiling is not flattered by a source left in cache."""
+    n = n_bytes_moved // 2 // (torch.finfo(dtype).bits // 8)
+    return [(torch.empty(n, device=device, dtype=dtype), torch.randn(n, device=device, dtype=dtype))
+            for _ in range(n_sets)]
+
+
 def max_rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     """Largest absolute difference of `a` from `ref`, relative to the largest magnitude in `ref` (fp32)."""
     return float(((a.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item())

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from bench import __main__ as bench_main
-from bench import bench_grouped_gemm, bench_moe, bench_permute, common
+from bench import bench_grouped_gemm, bench_moe, bench_permute, bench_swiglu, common
 from helpers import assert_close
 
-from tritonmoe.kernels import grouped_gemm_torch, permute_torch, unpermute_torch
+from tritonmoe.kernels import grouped_gemm_torch, permute_torch, swiglu, swiglu_torch, unpermute_torch
 
 
 def test_grouped_gemm_twin(benchmark):
@@ -47,6 +47,21 @@ def test_unpermute_twin(benchmark):
     ref = bench_permute.torch_index_unpermute(y_sorted, *bench_permute.combine_metadata(row_map, topk_w,
                                                                                         torch.float32), 37)
     assert_close(y, ref, 1e-5, what="unpermute twin vs index_add_")
+
+
+def test_swiglu_twin(benchmark):
+    gu = torch.randn(37, 2 * 24) * 3
+    h = benchmark(swiglu_torch, gu)
+    gate, up = gu[:, :24], gu[:, 24:]
+    assert_close(h, gate * torch.sigmoid(gate) * up, 1e-6, what="swiglu twin vs its definition")
+
+
+def test_swiglu_saved_bytes_counts_what_backward_keeps():
+    # The kernel path (interpreted here) keeps gate_up alone; the eager formula keeps silu(gate) as well.
+    R, I = 16, 8  # noqa: E741
+    gu = torch.randn(R, 2 * I)
+    assert bench_swiglu.saved_bytes(swiglu, gu) == R * 2 * I * 4
+    assert bench_swiglu.saved_bytes(bench_swiglu.torch_eager, gu) == R * 3 * I * 4
 
 
 def test_moe_forward(benchmark):
@@ -115,6 +130,7 @@ def test_quick_run_writes_json(tmp_path, capsys):
         assert meta[key], key
     assert meta["providers"] == {"gemm": ["ours", "grouped_mm", "loop", "dense"],
                                  "permute": ["ours", "torch_index", "copy"],
+                                 "swiglu": ["ours", "torch_eager", "copy"],
                                  "moe": ["ours", "hf_grouped", "titan", "hf_eager"]}
     rows = doc["results"]
     for bench, providers in meta["providers"].items():
@@ -129,6 +145,8 @@ def test_quick_run_writes_json(tmp_path, capsys):
     assert all(r["matches_torch_index"] for r in rows if r["bench"] == "permute" and r["op"] == "permute"
                and r["provider"] == "ours")
     assert all(r["max_rel_err_y"] < 1e-4 for r in rows if r["bench"] == "moe")
+    assert all(r["max_rel_err_h"] < 1e-5 and r["max_rel_err_dgate_up"] < 1e-5 for r in rows
+               if r["bench"] == "swiglu" and r["provider"] == "ours")
     printed = capsys.readouterr().out
     assert printed.rstrip().splitlines()[-1].split()[0] == str(rows[-1]["T"])  # the table comes last
 
