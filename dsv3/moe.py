@@ -7,7 +7,7 @@ R routed rows (T*K locally; whatever the all-to-all delivers under EP), B sequen
 
     x[...,H] -> x_TH -> Router (fp32)                  -> topk_idx_TK int64, topk_w_TK fp32
              -> self.dispatcher(x_TH, topk_idx_TK, topk_w_TK, self.experts)              (the seam)
-                  LocalDispatcher: permute -> GroupedExperts(x_RH, group_sizes_L) -> weighted unpermute
+                  LocalDispatcher: permute fused into the gate/up GEMM -> SwiGLU -> down GEMM -> weighted unpermute
              -> + shared_experts(x_TH)                 -> y[...,H]
 
 The seam is the only place dispatch happens: tritonmoe.parallel swaps ``MoE.dispatcher`` for an
@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import grouped_gemm, permute, swiglu, unpermute
+from ..kernels import grouped_gemm, permute_grouped_gemm, swiglu, unpermute
 from .config import DeepseekV3Config
 
 
@@ -160,7 +160,8 @@ def sequence_balance_loss(scores_TE: torch.Tensor, topk_idx_TK: torch.Tensor, nu
 
 class GroupedExperts(nn.Module):
     """E SwiGLU experts as two stacked weights (transformers 5 layout): gate_up_proj [E,2I,H] with the gate
-    rows first, down_proj [E,H,I].  forward(x_RH rows sorted by local expert, group_sizes_L) -> y_RH."""
+    rows first, down_proj [E,H,I].  forward(x_RH rows sorted by local expert, group_sizes_L) -> y_RH, or
+    forward(x_TH, topk_idx_TK=...) -> (y_RH, row_map_TK) with the permute fused into the first GEMM."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, std: float = 0.02):
         super().__init__()
@@ -174,18 +175,28 @@ class GroupedExperts(nn.Module):
 
         init_module_weights(self, self.std)
 
-    def forward(self, x_RH: torch.Tensor, group_sizes_L: torch.Tensor) -> torch.Tensor:
-        w13_L2IH, w2_LHI = _local(self.gate_up_proj), _local(self.down_proj)
-        h_R2I = grouped_gemm(x_RH, w13_L2IH, group_sizes_L)  # one GEMM for gate and up together
-        return grouped_gemm(swiglu(h_R2I), w2_LHI, group_sizes_L)  # silu(gate) * up, saving only h_R2I
+    def forward(self, x: torch.Tensor, group_sizes_L: torch.Tensor | None = None, *,
+                topk_idx_TK: torch.Tensor | None = None):
+        """experts(x_RH, group_sizes_L) -> y_RH: rows already sorted by local expert (the EP dispatcher).
+        experts(x_TH, topk_idx_TK=idx) -> (y_RH, row_map_TK): token-order input with every expert local; the
+        permute runs inside the gate/up GEMM (permute_grouped_gemm), so the [R, H] expert-ordered copy of x is
+        never made or kept, and y_RH comes back in permute's order for unpermute.
+        Both go through __call__, so FSDP's hooks gather the weights first."""
+        w13_L2IH = _local(self.gate_up_proj)
+        if topk_idx_TK is None:
+            h_R2I = grouped_gemm(x, w13_L2IH, group_sizes_L)  # one GEMM for gate and up together
+        else:
+            h_R2I, group_sizes_L, row_map_TK = permute_grouped_gemm(x, topk_idx_TK, w13_L2IH)
+        # silu(gate) * up, keeping only h_R2I for the backward, then the down projection.
+        y_RH = grouped_gemm(swiglu(h_R2I), _local(self.down_proj), group_sizes_L)
+        return y_RH if topk_idx_TK is None else (y_RH, row_map_TK)
 
 
 class LocalDispatcher:
     """Single-rank dispatch: every expert is local.  Stateless; the EP dispatcher replaces it."""
 
     def __call__(self, x_TH, topk_idx_TK, topk_w_TK, experts: GroupedExperts) -> torch.Tensor:
-        x_RH, group_sizes_E, row_map_TK = permute(x_TH, topk_idx_TK, experts.num_experts)
-        y_RH = experts(x_RH, group_sizes_E)
+        y_RH, row_map_TK = experts(x_TH, topk_idx_TK=topk_idx_TK)
         return unpermute(y_RH, row_map_TK, topk_w_TK)
 
     def __repr__(self):

@@ -27,14 +27,18 @@ if (_installed := _installed_self()) is not None:
     # the name becomes an alias of the installed package instead.
     sys.modules[__name__] = _installed
 else:
-    from .grouped_gemm import grouped_gemm, grouped_gemm_torch
+    from .grouped_gemm import (gather_grouped_gemm, gather_grouped_gemm_torch, grouped_gemm, grouped_gemm_torch,
+                               permute_grouped_gemm)
     from .permute import permute, permute_torch, unpermute, unpermute_torch
     from .swiglu import swiglu, swiglu_torch
 
 __all__ = [
+    "gather_grouped_gemm",
+    "gather_grouped_gemm_torch",
     "grouped_gemm",
     "grouped_gemm_torch",
     "permute",
+    "permute_grouped_gemm",
     "permute_torch",
     "swiglu",
     "swiglu_torch",

@@ -9,6 +9,10 @@ Two kernels serve the three GEMMs of an expert layer:
   dimension. Every (g, n-tile, k-tile) program writes its tile even when group g is empty, so an empty
   group's gradient is an exact zero and never uninitialised memory.
 
+Both can read their row operand (x) through a row index instead of contiguously (GATHER_A / GATHER_X): with
+the source rows of a permute, the first expert GEMM reads token rows straight from x [T, H] and the
+expert-ordered copy [T*K, H] is never written or kept for the backward.
+
 Both read ``group_sizes`` on the device and derive their tile from it, so one launch covers every group and
 the host never waits for the sizes. Calls into ``triton.language``'s own ``@jit`` helpers (tl.sum,
 tl.cumsum, tl.cdiv) are kept to the few the schedule needs: under the interpreter each costs ~2 ms per
@@ -21,7 +25,8 @@ import triton.language as tl
 
 @triton.jit
 def grouped_mm_kernel(
-    a_ptr,  # [M, K] rows sorted by group (x in the forward, dY in the input gradient)
+    a_ptr,  # [M, K] rows sorted by group (x in the forward, dY in the input gradient); [T, K] when GATHER_A
+    a_rows_ptr,  # [M] int64, read only when GATHER_A: logical row m of the GEMM is a[a_rows[m]]
     b_ptr,  # [G, N, K] through strides (w in the forward, w.transpose(1, 2) in the input gradient)
     out_ptr,  # [M, N] rows sorted by group like a
     group_sizes_ptr,  # [G] int32/int64, rows per group, sum == M
@@ -34,6 +39,7 @@ def grouped_mm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SWIZZLE_M: tl.constexpr,  # m-tiles that share a band of n-tiles, for L2 reuse of a and b
+    GATHER_A: tl.constexpr,  # rows of a gathered through a_rows (permute fused into the prologue)
     UPCAST: tl.constexpr,  # interpreter only: its bf16 is raw uint16, so dot fp32 copies instead
     INPUT_PRECISION: tl.constexpr,  # "ieee" / "tf32" for fp32 inputs; ignored for 16-bit inputs
 ):
@@ -74,7 +80,13 @@ def grouped_mm_kernel(
         mask_n = offs_n < N
         offs_k = tl.arange(0, BLOCK_K)
 
-        a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+        if GATHER_A:
+            # Each logical row reads its source row directly (a token row of x, K copies of which feed K
+            # experts): the expert-ordered copy of x is never written. Masked rows read row 0, never used.
+            a_rows = tl.load(a_rows_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+        else:
+            a_rows = offs_m
+        a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
         b_ptrs = (b_ptr + g.to(tl.int64) * stride_bg + offs_n[None, :].to(tl.int64) * stride_bn
                   + offs_k[:, None] * stride_bk)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -96,7 +108,8 @@ def grouped_mm_kernel(
 @triton.jit
 def grouped_mm_wgrad_kernel(
     dy_ptr,  # [M, N] output gradient, rows sorted by group
-    x_ptr,  # [M, K] forward input, rows sorted by group
+    x_ptr,  # [M, K] forward input, rows sorted by group; [T, K] when GATHER_X
+    x_rows_ptr,  # [M] int64, read only when GATHER_X: logical row m of the forward input is x[x_rows[m]]
     dw_ptr,  # [G, N, K] weight gradient, written in full (zeros for empty groups)
     group_sizes_ptr,  # [G] int32/int64, rows per group, sum == M
     M, N, K, G,
@@ -107,6 +120,7 @@ def grouped_mm_wgrad_kernel(
     BLOCK_M: tl.constexpr,  # rows reduced per step (the reduction dimension here)
     BLOCK_N: tl.constexpr,  # output tile over N
     BLOCK_K: tl.constexpr,  # output tile over K
+    GATHER_X: tl.constexpr,  # rows of x gathered through x_rows, as in grouped_mm_kernel's GATHER_A
     UPCAST: tl.constexpr,  # interpreter only, see grouped_mm_kernel
     INPUT_PRECISION: tl.constexpr,
 ):
@@ -141,7 +155,11 @@ def grouped_mm_wgrad_kernel(
         mask_r = rows < row_end
         dy_t = tl.load(dy_ptr + rows[None, :] * stride_dym + offs_n[:, None] * stride_dyn,
                        mask=mask_n[:, None] & mask_r[None, :], other=0.0)  # [BLOCK_N, BLOCK_M]
-        xt = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+        if GATHER_X:
+            x_rows = tl.load(x_rows_ptr + rows, mask=mask_r, other=0).to(tl.int64)
+        else:
+            x_rows = rows
+        xt = tl.load(x_ptr + x_rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                      mask=mask_r[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
         if UPCAST:
             dy_t = dy_t.to(tl.float32)

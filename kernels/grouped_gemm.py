@@ -7,6 +7,9 @@ integer (sum == M, zeros allowed). Out: y [M, N] in x.dtype, accumulated in fp32
 * the weight gradient dW[g] = dY[rows g].T @ X[rows g] is grouped along the reduction dimension and has its
   own kernel, which writes every tile, so an empty group's gradient is an exact zero.
 
+``gather_grouped_gemm`` / ``permute_grouped_gemm`` run the same kernels with x's rows read through an index
+(x[src_rows]), so the expert-ordered copy of the tokens is neither written nor kept for the backward.
+
 Neither kernel needs the group sizes on the host: each program derives its (group, tile) from the sizes on
 the device (see _grouped_gemm_kernels.py), so the forward has no device-to-host sync.
 
@@ -24,6 +27,7 @@ from typing import NamedTuple
 import torch
 
 from ._backend import interpreting as _interpreting, use_triton as _use_triton
+from .permute import _check_permute_args, _route, _unpermute_op, permute_torch
 
 try:
     import triton
@@ -128,28 +132,33 @@ def sm90_compile_jobs(dtype: torch.dtype = torch.bfloat16, input_precision: str 
     meta = ("BLOCK_G", "BLOCK_M", "BLOCK_N", "BLOCK_K", "UPCAST", "INPUT_PRECISION")
 
     def job(kernel, ptrs, ints, unit_strides, cfg, **extra):
-        sig = {p: f"*{ty}" for p in ptrs} | {"group_sizes_ptr": "*i64"} | {n: "i32" for n in ints}
+        sig = {p: f"*{ty}" for p in ptrs} | {n: "*i64" for n in ("group_sizes_ptr", "a_rows_ptr", "x_rows_ptr")}
+        sig |= {n: "i32" for n in ints}
         sig |= {n: "constexpr" for n in (*unit_strides, *meta, *extra)}
         consts = {n: 1 for n in unit_strides} | dict(BLOCK_G=256, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                                                       BLOCK_K=cfg.block_k, UPCAST=False,
                                                       INPUT_PRECISION=input_precision) | extra
         # Order the signature like the kernel's arguments.
-        sig = {n: sig[n] for n in kernel.arg_names}
+        sig = {n: sig[n] for n in kernel.arg_names}  # (drops the row-index pointer the kernel does not take)
         aligned = [n for n, t in sig.items() if t != "constexpr" and n not in ("M", "G")]
         return Sm90Job(kernel, sig, consts, tuple(aligned), cfg.num_warps, cfg.num_stages)
 
     strides = ("stride_am", "stride_ak", "stride_bg", "stride_bn", "stride_bk", "stride_om", "stride_on")
     jobs = []
-    for layout, units in (("fwd", ("stride_ak", "stride_bk", "stride_on")),
-                          ("dgrad", ("stride_ak", "stride_bn", "stride_on"))):
+    # "-gather": x's rows read through an index (gather_grouped_gemm), for the forward and weight gradient.
+    for layout, units, gather in (("fwd", ("stride_ak", "stride_bk", "stride_on"), False),
+                                  ("dgrad", ("stride_ak", "stride_bn", "stride_on"), False),
+                                  ("fwd-gather", ("stride_ak", "stride_bk", "stride_on"), True)):
         for cfg in forward_configs(dtype, input_precision):
             ints = ["M", "N", "K", "G", *(s for s in strides if s not in units)]
             jobs.append((layout, cfg, job(grouped_mm_kernel, ("a_ptr", "b_ptr", "out_ptr"), ints, units, cfg,
-                                          SWIZZLE_M=SWIZZLE_M)))
+                                          SWIZZLE_M=SWIZZLE_M, GATHER_A=gather)))
     units = ("stride_dyn", "stride_xk", "stride_dwk")
-    for cfg in wgrad_configs(dtype, input_precision):
-        ints = ["M", "N", "K", "G", "stride_dym", "stride_xm", "stride_dwg", "stride_dwn"]
-        jobs.append(("wgrad", cfg, job(grouped_mm_wgrad_kernel, ("dy_ptr", "x_ptr", "dw_ptr"), ints, units, cfg)))
+    for layout, gather in (("wgrad", False), ("wgrad-gather", True)):
+        for cfg in wgrad_configs(dtype, input_precision):
+            ints = ["M", "N", "K", "G", "stride_dym", "stride_xm", "stride_dwg", "stride_dwn"]
+            jobs.append((layout, cfg, job(grouped_mm_wgrad_kernel, ("dy_ptr", "x_ptr", "dw_ptr"), ints, units, cfg,
+                                          GATHER_X=gather)))
     return jobs
 
 
@@ -207,10 +216,11 @@ def _block_g(num_groups: int) -> int:
 
 
 def _grouped_mm_launch(a: torch.Tensor, b: torch.Tensor, group_sizes: torch.Tensor,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
+                       out: torch.Tensor | None = None, a_rows: torch.Tensor | None = None) -> torch.Tensor:
     """out[rows of g] = a[rows of g] @ b[g].T; a [M, K], b [G, N, K] any strides, out [M, N] in a.dtype.
+    With `a_rows` (int64 [M]) logical row m is a[a_rows[m]] and a may have any number of rows.
     `out` (tests pass it pre-filled with NaN) is written in full, so unwritten rows would show."""
-    M, K = a.shape
+    M, K = a.shape if a_rows is None else (a_rows.shape[0], a.shape[1])
     G, N, _ = b.shape
     if out is None:
         out = a.new_empty(M, N)
@@ -222,17 +232,19 @@ def _grouped_mm_launch(a: torch.Tensor, b: torch.Tensor, group_sizes: torch.Tens
     grid = lambda meta: ((triton.cdiv(M, meta["BLOCK_M"]) + G) * triton.cdiv(N, meta["BLOCK_N"]),)
     # stride_bk in the key: the forward (w, K-major) and the input gradient (w.transpose(1, 2)) of one shape
     # are different GEMMs to tune; it is 1 for the first and the weight's row length for the second.
-    _launch(grouped_mm_kernel, forward_configs, ["N", "K", "stride_bk"], grid,
-            (a, b, out, group_sizes, M, N, K, G, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-             b.stride(2), out.stride(0), out.stride(1)),
-            a.dtype, _rows_bucket(M, G), _interpreting(a), BLOCK_G=_block_g(G), SWIZZLE_M=SWIZZLE_M)
+    # GATHER_A in the key: a gathered A loads rows through an index and may prefer another tile.
+    _launch(grouped_mm_kernel, forward_configs, ["N", "K", "stride_bk", "GATHER_A"], grid,
+            (a, group_sizes if a_rows is None else a_rows, b, out, group_sizes, M, N, K, G, a.stride(0),
+             a.stride(1), b.stride(0), b.stride(1), b.stride(2), out.stride(0), out.stride(1)),
+            a.dtype, _rows_bucket(M, G), _interpreting(a), BLOCK_G=_block_g(G), SWIZZLE_M=SWIZZLE_M,
+            GATHER_A=a_rows is not None)
     return out
 
 
 def _grouped_mm_wgrad_launch(dy: torch.Tensor, x: torch.Tensor, group_sizes: torch.Tensor, num_groups: int,
-                             out: torch.Tensor | None = None) -> torch.Tensor:
+                             out: torch.Tensor | None = None, x_rows: torch.Tensor | None = None) -> torch.Tensor:
     """dw[g] = dy[rows of g].T @ x[rows of g]; dy [M, N], x [M, K] -> dw [G, N, K] in x.dtype, every element
-    written (empty groups get zeros)."""
+    written (empty groups get zeros). With `x_rows` (int64 [M]) row m of the forward input is x[x_rows[m]]."""
     M, N = dy.shape
     K = x.shape[1]
     G = num_groups
@@ -244,10 +256,10 @@ def _grouped_mm_wgrad_launch(dy: torch.Tensor, x: torch.Tensor, group_sizes: tor
         return out.zero_()
     group_sizes = group_sizes.contiguous()  # G integers; the kernels read them as one vector
     grid = lambda meta: (G * triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]),)
-    _launch(grouped_mm_wgrad_kernel, wgrad_configs, ["N", "K"], grid,
-            (dy, x, out, group_sizes, M, N, K, G, dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
-             out.stride(0), out.stride(1), out.stride(2)),
-            x.dtype, _rows_bucket(M, G), _interpreting(x), BLOCK_G=_block_g(G))
+    _launch(grouped_mm_wgrad_kernel, wgrad_configs, ["N", "K", "GATHER_X"], grid,
+            (dy, x, group_sizes if x_rows is None else x_rows, out, group_sizes, M, N, K, G, dy.stride(0),
+             dy.stride(1), x.stride(0), x.stride(1), out.stride(0), out.stride(1), out.stride(2)),
+            x.dtype, _rows_bucket(M, G), _interpreting(x), BLOCK_G=_block_g(G), GATHER_X=x_rows is not None)
     return out
 
 
@@ -310,12 +322,13 @@ def _(x, w, group_sizes):
 
 
 @torch.library.custom_op("tritonmoe::grouped_mm_wgrad", mutates_args=())
-def _grouped_mm_wgrad_op(dy: torch.Tensor, x: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
-    return _grouped_mm_wgrad_launch(dy, x, group_sizes, group_sizes.shape[0])
+def _grouped_mm_wgrad_op(dy: torch.Tensor, x: torch.Tensor, group_sizes: torch.Tensor,
+                         x_rows: torch.Tensor | None = None) -> torch.Tensor:
+    return _grouped_mm_wgrad_launch(dy, x, group_sizes, group_sizes.shape[0], x_rows=x_rows)
 
 
 @_grouped_mm_wgrad_op.register_fake
-def _(dy, x, group_sizes):
+def _(dy, x, group_sizes, x_rows=None):
     return x.new_empty(group_sizes.shape[0], dy.shape[1], x.shape[1])
 
 
@@ -338,6 +351,40 @@ def _backward(ctx, dy):
 _grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("tritonmoe::gather_grouped_mm", mutates_args=())
+def _gather_grouped_mm_op(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor, src_rows: torch.Tensor,
+                          row_map: torch.Tensor) -> torch.Tensor:
+    """y [M, N]: y[m] = x[src_rows[m]] @ w[g(m)].T. row_map [S, C] is src_rows' inverse (used by the
+    backward): every row m appears in it exactly once, at a position (s, c) with src_rows[m] = s."""
+    _check_sizes(group_sizes, src_rows.shape[0])
+    return _grouped_mm_launch(x, w, group_sizes, a_rows=src_rows)
+
+
+@_gather_grouped_mm_op.register_fake
+def _(x, w, group_sizes, src_rows, row_map):
+    return x.new_empty(src_rows.shape[0], w.shape[1])
+
+
+def _gather_setup_context(ctx, inputs, output):
+    x, w, group_sizes, src_rows, row_map = inputs
+    ctx.save_for_backward(x, w, group_sizes, src_rows, row_map)  # x [S, K], not the gathered [M, K]
+
+
+def _gather_backward(ctx, dy):
+    x, w, group_sizes, src_rows, row_map = ctx.saved_tensors
+    dx = dw = None
+    if ctx.needs_input_grad[0]:
+        # dX[s] = sum over the rows m gathered from s of dA[m]: the GEMM's own input gradient dA [M, K],
+        # summed back through row_map by the unpermute kernel (no atomics, so deterministic).
+        dx = _unpermute_op(_grouped_mm_op(dy, w.transpose(1, 2), group_sizes), row_map, None)
+    if ctx.needs_input_grad[1]:
+        dw = _grouped_mm_wgrad_op(dy, x, group_sizes, src_rows)
+    return dx, dw, None, None, None
+
+
+_gather_grouped_mm_op.register_autograd(_gather_backward, setup_context=_gather_setup_context)
+
+
 # ------------------------------------------------------------------------------------------------- public
 
 def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
@@ -352,6 +399,76 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) ->
         _check_sizes(group_sizes, x.shape[0])
         return grouped_gemm_torch(x, w, group_sizes)
     return _grouped_mm_op(x, w, group_sizes)
+
+
+def _check_gather(x: torch.Tensor, src_rows: torch.Tensor, row_map: torch.Tensor) -> None:
+    """Shapes, dtypes and devices of a gather's index pair; on CPU also that they are inverse to each other
+    (on CUDA that read would sync: the kernel masks nothing by them, so callers must pass permute's)."""
+    for name, t in (("src_rows", src_rows), ("row_map", row_map)):
+        if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"gather_grouped_gemm: {name} must be an int32/int64 tensor")
+        if t.device != x.device:
+            raise ValueError(f"gather_grouped_gemm: {name} is on {t.device} but x is on {x.device}")
+    if src_rows.dim() != 1:
+        raise ValueError(f"gather_grouped_gemm: src_rows must be [M], got shape {tuple(src_rows.shape)}")
+    if row_map.dim() != 2 or row_map.shape[0] != x.shape[0] or row_map.numel() != src_rows.numel():
+        raise ValueError(f"gather_grouped_gemm: row_map must be [S, C] with S = x.shape[0] = {x.shape[0]} and "
+                         f"S * C = len(src_rows) = {src_rows.numel()}, got shape {tuple(row_map.shape)}")
+    if x.device.type == "cpu" and not torch.compiler.is_compiling() and src_rows.numel():
+        flat = row_map.reshape(-1).long()
+        owner = torch.arange(x.shape[0]).repeat_interleave(row_map.shape[1])
+        ok = ((flat >= 0) & (flat < src_rows.numel())).all() and bool(
+            (torch.bincount(flat.clamp(0, src_rows.numel() - 1), minlength=src_rows.numel()) == 1).all())
+        if not ok or not torch.equal(src_rows.long()[flat.clamp(0, src_rows.numel() - 1)], owner):
+            raise ValueError("gather_grouped_gemm: src_rows and row_map are not inverse to each other "
+                             "(src_rows[row_map[s, c]] must be s, each row once)")
+
+
+def gather_grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor, src_rows: torch.Tensor,
+                        row_map: torch.Tensor) -> torch.Tensor:
+    """grouped_gemm(x[src_rows], w, group_sizes) without materialising x[src_rows]: the gather runs in the
+    GEMM's operand loads, and autograd keeps x itself rather than the gathered [M, K] copy.
+
+    x [S, K]; src_rows int [M] (row m of the GEMM input is x[src_rows[m]], rows grouped as group_sizes says);
+    row_map int [S, C], src_rows' inverse: each m appears once, at (s, c) with src_rows[m] = s (permute's
+    row_map is exactly this for src_rows = the token of each sorted row; a bijection is C = 1).
+    Returns y [M, N]; differentiable in x (dX summed through row_map, no atomics) and w.
+    """
+    _check_args(x, w, group_sizes)
+    _check_gather(x, src_rows, row_map)
+    if not _use_triton(x):
+        return gather_grouped_gemm_torch(x, w, group_sizes, src_rows, row_map)
+    return _gather_grouped_mm_op(x, w, group_sizes, src_rows.long(), row_map)
+
+
+def gather_grouped_gemm_torch(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor, src_rows: torch.Tensor,
+                              row_map: torch.Tensor) -> torch.Tensor:
+    """PyTorch twin of gather_grouped_gemm: index_select, then grouped_gemm_torch (row_map is not needed)."""
+    return grouped_gemm_torch(x.index_select(0, src_rows.long()), w, group_sizes)
+
+
+def permute_grouped_gemm(x: torch.Tensor, topk_idx: torch.Tensor, w: torch.Tensor):
+    """The first expert GEMM with the permute fused into it: returns (y_sorted, group_sizes, row_map) equal to
+
+        x_sorted, group_sizes, row_map = permute(x, topk_idx, w.shape[0])
+        y_sorted = grouped_gemm(x_sorted, w, group_sizes)
+
+    but x_sorted [T*K, H] is never written: the GEMM reads each token's row of x [T, H] once per expert it
+    chose, and autograd keeps x instead of x_sorted (T*K*H elements less per MoE layer: 1.75 GiB at
+    DeepSeek-V3's T = 16K in bf16). y_sorted, group_sizes and row_map keep permute's contract (expert
+    order, then token order), so the rest of the layer (activation, second GEMM, unpermute) is unchanged.
+    Differentiable in x and w.
+    """
+    if not isinstance(w, torch.Tensor) or w.dim() != 3:
+        raise ValueError(f"permute_grouped_gemm: w must be a [E, N, H] tensor, got "
+                         f"{tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}")
+    E = _check_permute_args(x, topk_idx, w.shape[0])
+    if not _use_triton(x):
+        x_sorted, group_sizes, row_map = permute_torch(x, topk_idx, E)
+        return grouped_gemm(x_sorted, w, group_sizes), group_sizes, row_map
+    group_sizes, row_map, src_rows = _route(topk_idx, E)
+    _check_args(x, w, group_sizes)
+    return _gather_grouped_mm_op(x, w, group_sizes, src_rows, row_map), group_sizes, row_map
 
 
 def grouped_gemm_torch(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:

@@ -290,7 +290,8 @@ def _check_range(name: str, idx: torch.Tensor, hi: int) -> None:
 
 
 def _route(topk_idx_TK: torch.Tensor, num_experts: int):
-    """(group_sizes int64 [E], row_map int64 [T, K]) from the expert choices, all on device, no sync."""
+    """(group_sizes int64 [E], row_map int64 [T, K], src_rows int64 [T*K]) from the expert choices, all on
+    device, no sync. src_rows[r] is the token whose copy sits at sorted row r (row_map's inverse)."""
     T, K = topk_idx_TK.shape
     flat = topk_idx_TK.reshape(-1)  # position t*K + j, so a stable sort keeps tokens (then j) ascending
     if flat.dtype not in (torch.int32, torch.int64):
@@ -300,7 +301,7 @@ def _route(topk_idx_TK: torch.Tensor, num_experts: int):
     group_sizes = torch.searchsorted(experts_sorted, bounds).diff()
     row_map = torch.empty_like(order)
     row_map.scatter_(0, order, torch.arange(T * K, device=flat.device))
-    return group_sizes, row_map.view(T, K)
+    return group_sizes, row_map.view(T, K), order.div(K, rounding_mode="floor")
 
 
 def permute(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int):
@@ -310,6 +311,15 @@ def permute(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int):
     x_sorted [T*K, H] (expert ascending, then token ascending, then j), group_sizes int64 [num_experts],
     row_map int64 [T, K] (row of x_sorted holding token t's j-th choice). Differentiable in x.
     """
+    num_experts = _check_permute_args(x, topk_idx, num_experts)
+    if not _use_triton(x):
+        return permute_torch(x, topk_idx, num_experts)
+    group_sizes, row_map, _ = _route(topk_idx, num_experts)
+    return _permute_rows_op(x, row_map), group_sizes, row_map
+
+
+def _check_permute_args(x: torch.Tensor, topk_idx: torch.Tensor, num_experts) -> int:
+    """permute's input checks (also permute_grouped_gemm's); returns num_experts as an int."""
     _check_rows("x", x)
     _check_index("topk_idx", topk_idx)
     try:
@@ -323,10 +333,7 @@ def permute(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int):
     if topk_idx.device != x.device:
         raise ValueError(f"x is on {x.device} but topk_idx is on {topk_idx.device}")
     _check_range("topk_idx", topk_idx, num_experts)
-    if not _use_triton(x):
-        return permute_torch(x, topk_idx, num_experts)
-    group_sizes, row_map = _route(topk_idx, num_experts)
-    return _permute_rows_op(x, row_map), group_sizes, row_map
+    return num_experts
 
 
 def unpermute(y_sorted: torch.Tensor, row_map: torch.Tensor, topk_weights: torch.Tensor | None = None):

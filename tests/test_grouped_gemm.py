@@ -262,13 +262,128 @@ def test_compiled_path_config_choice(monkeypatch):
     *tuned, pinned = log
     assert len(tuned) == 16 and {e["bucket"] for e in tuned} == {64, 2048}
     for e in tuned:
-        wgrad = e["key"] == ("N", "K")
+        wgrad = e["key"] == ("N", "K", "GATHER_X")
         precision = "ieee" if e["dtype"] == torch.float32 and e in tuned[:8] else "tf32"
         if e["dtype"] == torch.float32:
             assert e["precision"] == precision
         configs_fn = gg_module.wgrad_configs if wgrad else gg_module.forward_configs
         assert e["configs"] == configs_fn(e["dtype"], e["precision"]), e
-        assert wgrad or e["key"] == ("N", "K", "stride_bk")
+        assert wgrad or e["key"] == ("N", "K", "stride_bk", "GATHER_A")
     assert gg_module.forward_configs(torch.float32, "ieee") != gg_module.forward_configs(torch.float32, "tf32")
     assert gg_module.forward_configs(torch.float32, "tf32") != gg_module.forward_configs(torch.bfloat16)
     assert pinned["configs"] == [gg_module.GemmConfig(64, 64, 32, 4, 2)] and pinned["bucket"] == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rows of x read through an index: gather_grouped_gemm and the permute fused into the first expert GEMM.
+
+@pytest.mark.parametrize("dtype,tol,rms", DTYPES)
+@pytest.mark.parametrize("spec,K,N", [SHAPES[1], SHAPES[3], SHAPES[4], SHAPES[6]])
+def test_gathered_launchers_poisoned(spec, K, N, dtype, tol, rms):
+    # Any gather (rows repeated, some never read): forward and weight gradient against the gathered copy.
+    sizes = _sizes(spec)
+    M, G = int(sizes.sum()), len(sizes)
+    x = torch.randn(M // 2 + 1, K).to(dtype)
+    rows = torch.randint(0, x.shape[0], (M,))
+    w = (torch.randn(G, N, K) / K**0.5).to(dtype)
+    dy = torch.randn(M, N).to(dtype)
+    y_ref, _, dw_ref = _twin_grads(x[rows], w, sizes, dy)
+    y = _grouped_mm_launch(x, w, sizes, out=poison_(torch.empty(M, N, dtype=dtype)), a_rows=rows)
+    assert_close(y, y_ref, tol, rms, what="gathered forward")
+    dw = _grouped_mm_wgrad_launch(dy, x, sizes, G, out=poison_(torch.empty_like(w)), x_rows=rows)
+    assert_close(dw, dw_ref, tol, rms, what="gathered dW")
+
+
+def _routing(T, K, E):
+    return torch.rand(T, E).topk(K, dim=1).indices
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_permute_grouped_gemm_equals_permute_then_grouped_gemm(dtype):
+    # Same products in the same order as the unfused pair, so forward and every gradient are bit-equal; only
+    # what autograd keeps differs: x [T, H] instead of x_sorted [T*K, H].
+    T, K, E, H, N = 23, 3, 5, 40, 24
+    from tritonmoe.kernels import permute, permute_grouped_gemm
+
+    topk_idx = _routing(T, K, E)
+    x0, w0 = torch.randn(T, H).to(dtype), (torch.randn(E, N, H) / H**0.5).to(dtype)
+    x1, w1 = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+    x2, w2 = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+    x_sorted, sizes_ref, rm_ref = permute(x1, topk_idx, E)
+    y_ref = grouped_gemm(x_sorted, w1, sizes_ref)
+
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        y, sizes, rm = permute_grouped_gemm(x2, topk_idx, w2)
+    assert torch.equal(y, y_ref) and torch.equal(sizes, sizes_ref) and torch.equal(rm, rm_ref)
+    assert (T * K, H) not in saved and (T, H) in saved
+    dy = torch.randn_like(y)
+    y_ref.backward(dy)
+    y.backward(dy)
+    assert torch.equal(x2.grad, x1.grad) and torch.equal(w2.grad, w1.grad)
+
+
+def test_permute_grouped_gemm_twin_path(monkeypatch):
+    # TRITON_INTERPRET unset on CPU: permute_torch then grouped_gemm_torch, the CPU training path.
+    from tritonmoe.kernels import permute_grouped_gemm, permute_torch
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(gg_module, "_gather_grouped_mm_op", None)  # a call would fail
+    topk_idx, x, w = _routing(9, 2, 4), torch.randn(9, 16), torch.randn(4, 8, 16)
+    y, sizes, rm = permute_grouped_gemm(x, topk_idx, w)
+    xs, sizes_ref, rm_ref = permute_torch(x, topk_idx, 4)
+    assert torch.equal(y, grouped_gemm_torch(xs, w, sizes_ref)) and torch.equal(rm, rm_ref)
+
+
+def test_gather_grouped_gemm_with_a_bijection():
+    # C = 1: a reordering of rows (what an expert-parallel regroup is); dX is the inverse reordering of dA.
+    from tritonmoe.kernels import gather_grouped_gemm, gather_grouped_gemm_torch
+
+    M, K, N = 17, 24, 8
+    src = torch.randperm(M)
+    inverse = torch.empty_like(src)
+    inverse[src] = torch.arange(M)
+    sizes, w = torch.tensor([5, 0, 12]), torch.randn(3, N, K)
+    x1, x2 = torch.randn(M, K).requires_grad_(), None
+    x2 = x1.detach().clone().requires_grad_()
+    y = gather_grouped_gemm(x1, w, sizes, src, inverse[:, None])
+    y_ref = gather_grouped_gemm_torch(x2, w, sizes, src, inverse[:, None])
+    assert_close(y, y_ref, 1e-5, what="y")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    assert_close(x1.grad, x2.grad, 1e-5, what="dX")
+
+
+@pytest.mark.parametrize("src,row_map,match", [
+    (torch.tensor([0, 1, 1]), torch.tensor([[0], [1], [2]]), "not inverse"),  # row 2 is x[1], map says x[2]
+    (torch.tensor([0, 1, 2]), torch.tensor([[0], [0], [2]]), "not inverse"),  # row 0 twice, row 1 never
+    (torch.tensor([0, 1, 2]), torch.tensor([[0, 1], [2, 3]]), r"row_map must be \[S, C\]"),
+    (torch.tensor([0.0, 1.0, 2.0]), torch.tensor([[0], [1], [2]]), "int32/int64"),
+])
+def test_gather_grouped_gemm_rejects_inconsistent_maps(src, row_map, match):
+    from tritonmoe.kernels import gather_grouped_gemm
+
+    with pytest.raises(ValueError, match=match):
+        gather_grouped_gemm(torch.randn(3, 8), torch.randn(1, 4, 8), torch.tensor([3]), src, row_map)
+
+
+def test_permute_grouped_gemm_rejects_bad_weights():
+    from tritonmoe.kernels import permute_grouped_gemm
+
+    with pytest.raises(ValueError, match=r"w must be a \[E, N, H\] tensor"):
+        permute_grouped_gemm(torch.randn(4, 8), _routing(4, 2, 3), torch.randn(3, 8))
+    with pytest.raises(ValueError, match=r"w.shape\[2\]=7 != x.shape\[1\]=8"):
+        permute_grouped_gemm(torch.randn(4, 8), _routing(4, 2, 3), torch.randn(3, 5, 7))
+
+
+def test_gather_ops_torch_library_registration():
+    from tritonmoe.kernels.permute import _route
+
+    T, K, E = 7, 2, 3
+    sizes, rm, src = _route(_routing(T, K, E), E)
+    x, w = torch.randn(T, 16, requires_grad=True), torch.randn(E, 8, 16, requires_grad=True)
+    torch.library.opcheck(gg_module._gather_grouped_mm_op, (x, w, sizes, src, rm),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(gg_module._grouped_mm_wgrad_op, (torch.randn(T * K, 8), x.detach(), sizes, src),
+                          test_utils=("test_schema", "test_faketensor"))

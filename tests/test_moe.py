@@ -169,3 +169,48 @@ def test_sequence_balance_loss_reaches_gradients(twins):
     assert_close(with_aux.gate.weight.grad, plain.gate.weight.grad, 1e-5, what="gate grad with aux loss")
     assert_close(with_aux.experts.gate_up_proj.grad, plain.experts.gate_up_proj.grad, 1e-5)
     assert sequence_balance_loss(s.view(-1, 8), idx.view(-1, 2), B).item() == pytest.approx(l_bal.item(), 1e-5)
+
+
+def test_local_experts_keep_neither_x_sorted_nor_silu():
+    # The layer's expert path keeps for its backward: x [T, H] (shared with the router and shared experts),
+    # gate_up [R, 2I], SwiGLU's output [R, I] (the down GEMM's input) and y_sorted [R, H] (for the routing
+    # weights' gradient). The unfused recipe also keeps x_sorted [R, H] and silu(gate) [R, I].
+    # H = 32, I = 12: no two of the shapes below coincide.
+    cfg = make_cfg(n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=0,
+                   moe_intermediate_size=12)
+    moe = MoE(cfg).train()
+    x = torch.randn(2, 8, cfg.hidden_size, requires_grad=True)
+    T, K, H, I = 16, 2, cfg.hidden_size, cfg.moe_intermediate_size
+    R = T * K
+
+    def saved(fn):
+        """{storage: bytes} autograd keeps for the backward (views of one storage counted once)."""
+        kept = {}
+
+        def pack(t):
+            kept[t.untyped_storage().data_ptr()] = (t.untyped_storage().nbytes(), tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return kept
+
+    from tritonmoe.kernels import grouped_gemm, permute, unpermute
+
+    def unfused():
+        x_TH = x.view(T, H)
+        idx, w = moe.gate(x_TH, num_seqs=2)
+        xs, sizes, rm = permute(x_TH, idx, cfg.n_routed_experts)
+        gate, up = grouped_gemm(xs, moe.experts.gate_up_proj, sizes).chunk(2, dim=-1)
+        h = grouped_gemm(torch.nn.functional.silu(gate) * up, moe.experts.down_proj, sizes)
+        return unpermute(h, rm, w)
+
+    ours, ref = saved(lambda: moe(x)), saved(unfused)
+    shapes = lambda kept: [shape for _, shape in kept.values()]  # noqa: E731
+    assert (R, H) in shapes(ref) and (R, H) in shapes(ours)  # y_sorted in both; x_sorted only in ref
+    assert (R, 2 * I) in shapes(ours)
+
+    def row_activations(kept):  # [R, H], [R, I], [R, 2I] storages; small index and weight tensors differ too
+        return sum(n for n, shape in kept.values() if len(shape) == 2 and shape[0] == R and shape[1] >= I)
+
+    assert row_activations(ref) - row_activations(ours) == (R * H + R * I) * 4, (shapes(ref), shapes(ours))
