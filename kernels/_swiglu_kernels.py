@@ -18,12 +18,16 @@ from ._jit_common import round_to
 
 
 @triton.jit
-def _tile_offsets(R, I, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _load_gate_up(gu_ptr, stride_gu_r, R, I, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's tile: (rows, cols, mask, gate fp32, up fp32)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cols = tl.max_contiguous(tl.multiple_of(cols, BLOCK_C), BLOCK_C)
     mask = (rows < R)[:, None] & (cols < I)[None, :]
-    return rows, cols, mask
+    gate_ptrs = gu_ptr + rows[:, None] * stride_gu_r + cols[None, :]
+    g = tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gate_ptrs + I, mask=mask, other=0.0).to(tl.float32)
+    return rows, cols, mask, g, u
 
 
 @triton.jit
@@ -36,10 +40,7 @@ def _swiglu_fwd_kernel(
     BLOCK_C: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    rows, cols, mask = _tile_offsets(R, I, BLOCK_R, BLOCK_C)
-    gate_ptrs = gu_ptr + rows[:, None] * stride_gu_r + cols[None, :]
-    g = tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(gate_ptrs + I, mask=mask, other=0.0).to(tl.float32)
+    rows, cols, mask, g, u = _load_gate_up(gu_ptr, stride_gu_r, R, I, BLOCK_R, BLOCK_C)
     # g / (1 + exp(-g)): torch's own silu formula; exp overflows to inf for g < -88 and gives -0, not NaN.
     h = g / (1.0 + tl.exp(-g)) * u
     tl.store(h_ptr + rows[:, None] * stride_h_r + cols[None, :], round_to(h, h_ptr.dtype.element_ty, INTERPRET),
@@ -57,10 +58,7 @@ def _swiglu_bwd_kernel(
     BLOCK_C: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    rows, cols, mask = _tile_offsets(R, I, BLOCK_R, BLOCK_C)
-    gate_ptrs = gu_ptr + rows[:, None] * stride_gu_r + cols[None, :]
-    g = tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(gate_ptrs + I, mask=mask, other=0.0).to(tl.float32)
+    rows, cols, mask, g, u = _load_gate_up(gu_ptr, stride_gu_r, R, I, BLOCK_R, BLOCK_C)
     dh = tl.load(dh_ptr + rows[:, None] * stride_dh_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     s = 1.0 / (1.0 + tl.exp(-g))
     d_gate = dh * u * (s * (1.0 + g * (1.0 - s)))

@@ -415,11 +415,12 @@ def _check_gather(x: torch.Tensor, src_rows: torch.Tensor, row_map: torch.Tensor
         raise ValueError(f"gather_grouped_gemm: row_map must be [S, C] with S = x.shape[0] = {x.shape[0]} and "
                          f"S * C = len(src_rows) = {src_rows.numel()}, got shape {tuple(row_map.shape)}")
     if x.device.type == "cpu" and not torch.compiler.is_compiling() and src_rows.numel():
-        flat = row_map.reshape(-1).long()
+        flat, M = row_map.reshape(-1).long(), src_rows.numel()
         owner = torch.arange(x.shape[0]).repeat_interleave(row_map.shape[1])
-        ok = ((flat >= 0) & (flat < src_rows.numel())).all() and bool(
-            (torch.bincount(flat.clamp(0, src_rows.numel() - 1), minlength=src_rows.numel()) == 1).all())
-        if not ok or not torch.equal(src_rows.long()[flat.clamp(0, src_rows.numel() - 1)], owner):
+        # In range, each row once, and each row's source is the token that maps to it (in this order: the
+        # later checks index with flat).
+        if not (bool(((flat >= 0) & (flat < M)).all()) and bool((torch.bincount(flat, minlength=M) == 1).all())
+                and torch.equal(src_rows.long()[flat], owner)):
             raise ValueError("gather_grouped_gemm: src_rows and row_map are not inverse to each other "
                              "(src_rows[row_map[s, c]] must be s, each row once)")
 

@@ -74,35 +74,36 @@ def _scatter_rows(src_TH, row_map_TK, w_TK, num_rows, out=None):
     assert out.shape == (num_rows, H) and out.stride(1) == 1
     if T == 0 or H == 0 or K == 0:
         return out
-    block_h, num_warps = _tile(H, out.element_size())
-    w_arg = w_TK if w_TK is not None else row_map_TK  # never read when HAS_W is False
-    _scatter_rows_kernel[(T, triton.cdiv(H, block_h))](
-        src_TH, row_map_TK, w_arg, out, H, num_rows,
-        src_TH.stride(0), src_TH.stride(1), row_map_TK.stride(0), row_map_TK.stride(1),
-        w_arg.stride(0), w_arg.stride(1), out.stride(0),
-        K=K, HAS_W=w_TK is not None, BLOCK_H=block_h, INTERPRET=src_TH.device.type == "cpu",
-        num_warps=num_warps)
+    _launch_rows(_scatter_rows_kernel, src_TH, row_map_TK, w_TK, out, num_rows)
     return out
 
 
 def _gather_rows(src_RH, row_map_TK, w_TK, out=None):
     """out[t] = sum_j (w[t, j] *) src[row_map[t, j]] in fp32, in src's dtype. Returns out [T, H]."""
     R, H = src_RH.shape
-    T, K = row_map_TK.shape
+    T = row_map_TK.shape[0]
     if out is None:
         out = torch.empty(T, H, dtype=src_RH.dtype, device=src_RH.device)
     assert out.shape == (T, H) and out.stride(1) == 1
     if T == 0 or H == 0:
         return out
-    block_h, num_warps = _tile(H, src_RH.element_size())
-    w_arg = w_TK if w_TK is not None else row_map_TK  # never read when HAS_W is False
-    _gather_rows_kernel[(T, triton.cdiv(H, block_h))](
-        src_RH, row_map_TK, w_arg, out, H, R,
-        src_RH.stride(0), src_RH.stride(1), row_map_TK.stride(0), row_map_TK.stride(1),
-        w_arg.stride(0), w_arg.stride(1), out.stride(0),
-        K=K, HAS_W=w_TK is not None, BLOCK_H=block_h, INTERPRET=src_RH.device.type == "cpu",
-        num_warps=num_warps)
+    _launch_rows(_gather_rows_kernel, src_RH, row_map_TK, w_TK, out, R)
     return out
+
+
+def _launch_rows(kernel, src, row_map_TK, w_TK, out, num_rows):
+    """One program per (token, H tile) of the scatter or gather kernel, which take the same arguments;
+    num_rows bounds the expert-order rows (R) that row_map may name."""
+    T, K = row_map_TK.shape
+    H = src.shape[1]
+    block_h, num_warps = _tile(H, src.element_size())
+    w_arg = w_TK if w_TK is not None else row_map_TK  # never read when HAS_W is False
+    kernel[(T, triton.cdiv(H, block_h))](
+        src, row_map_TK, w_arg, out, H, num_rows,
+        src.stride(0), src.stride(1), row_map_TK.stride(0), row_map_TK.stride(1),
+        w_arg.stride(0), w_arg.stride(1), out.stride(0),
+        K=K, HAS_W=w_TK is not None, BLOCK_H=block_h, INTERPRET=src.device.type == "cpu",
+        num_warps=num_warps)
 
 
 def _unpermute_bwd(dy_TH, y_sorted_RH, row_map_TK, w_TK, need_dys, dys_out=None, dw_out=None):

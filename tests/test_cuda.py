@@ -46,24 +46,19 @@ def _zipf_sizes(G: int, rows_per_group: int) -> torch.Tensor:
     return torch.tensor(group_sizes_for(G, rows_per_group, "zipf"))
 
 
-def _configs(dtype, precision, wgrad):
-    fn = gg.wgrad_configs if wgrad else gg.forward_configs
-    return fn(dtype, precision)
-
-
 def _gemm_cases():
     cases = []
     for dtype, precision in ((torch.bfloat16, "tf32"), (torch.float16, "tf32"), (torch.float32, "tf32"),
                              (torch.float32, "ieee")):
         for wgrad in (False, True):
-            for cfg in _configs(dtype, precision, wgrad):
+            for cfg in (gg.wgrad_configs if wgrad else gg.forward_configs)(dtype, precision):
                 tag = f"{str(dtype)[6:]}-{precision}-{'wgrad' if wgrad else 'fwd+dgrad'}-" + "x".join(map(str, cfg))
                 cases.append(pytest.param(dtype, precision, wgrad, cfg, id=tag))
     return cases
 
 
 @pytest.fixture
-def matmul_precision(request):
+def matmul_precision():
     saved = torch.get_float32_matmul_precision()
     yield lambda p: torch.set_float32_matmul_precision("highest" if p == "ieee" else "high")
     torch.set_float32_matmul_precision(saved)

@@ -344,7 +344,7 @@ def test_gather_grouped_gemm_with_a_bijection():
     inverse = torch.empty_like(src)
     inverse[src] = torch.arange(M)
     sizes, w = torch.tensor([5, 0, 12]), torch.randn(3, N, K)
-    x1, x2 = torch.randn(M, K).requires_grad_(), None
+    x1 = torch.randn(M, K).requires_grad_()
     x2 = x1.detach().clone().requires_grad_()
     y = gather_grouped_gemm(x1, w, sizes, src, inverse[:, None])
     y_ref = gather_grouped_gemm_torch(x2, w, sizes, src, inverse[:, None])
