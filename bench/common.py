@@ -91,38 +91,27 @@ def device_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def ours_op(name: str, device: torch.device) -> tuple[Callable, str]:
     """The function timed as "ours" for kernel op `name` (the public op) and an honest label of what it runs.
 
-    CUDA: the compiled Triton kernel. CPU: the PyTorch twin, as long as TRITON_INTERPRET=1 is not set; the
-    driver runs every benchmark inside `cpu_twin_path`, which clears it, so the interpreter (a correctness
-    tool) is never timed.
+    CUDA: the compiled Triton kernel. CPU: the PyTorch twin; the driver runs every benchmark inside
+    `cpu_twin_path`, so the interpreter (a correctness tool) is never timed.
     """
     public = getattr(K, name)
     if device.type == "cuda":
         return public, "triton"
-    if interpreter_on():
+    backend = K.backend_for(torch.empty(0, device=device))
+    if backend is K.Backend.INTERPRETER:
         return public, "triton (interpreter)"
     return public, "torch twin (CPU path of the public op)"
 
 
 @contextlib.contextmanager
 def cpu_twin_path(device: torch.device):
-    """While benchmarking on CPU, make the public ops take their PyTorch-twin path even if TRITON_INTERPRET=1
-    is set (the test suite sets it): the kernels read the variable per call, and timing the interpreter
-    would measure Python. Restores the variable afterwards. No effect on CUDA."""
-    if device.type != "cpu" or not interpreter_on():
+    """While benchmarking on CPU, make the public ops take their PyTorch-twin path even if the interpreter is
+    on (the test suite turns it on): timing the interpreter would measure Python. No effect on CUDA."""
+    with K.force_twins() if device.type == "cpu" else contextlib.nullcontext():
         yield
-        return
-    os.environ["TRITON_INTERPRET"] = "0"
-    try:
-        yield
-    finally:
-        os.environ["TRITON_INTERPRET"] = "1"
 
 
 def _sync(device: torch.device) -> None:

@@ -1,8 +1,9 @@
 """Triton kernels for the expert layer of a Mixture-of-Experts model, with autograd and PyTorch twins.
 
-Backend choice, per call: CUDA tensors run the compiled Triton kernels; CPU tensors run the same Triton
-kernels through Triton's interpreter when ``TRITON_INTERPRET=1`` (the test suite sets it), and the
-plain-PyTorch twin ``<op>_torch`` otherwise.
+Backend (``backend_for(tensor)``, decided once at import): CUDA tensors run the compiled Triton kernels; CPU
+tensors run the same kernels through Triton's interpreter when ``TRITON_INTERPRET=1`` was set before import
+(the test suite sets it), and the plain-PyTorch twin ``<op>_torch`` otherwise; ``force_twins()`` is a context
+manager that sends CPU calls to the twins (benchmarks and tests).
 """
 
 import importlib
@@ -27,12 +28,16 @@ if (_installed := _installed_self()) is not None:
     # the name becomes an alias of the installed package instead.
     sys.modules[__name__] = _installed
 else:
+    from ._backend import Backend, backend_for, force_twins
     from .grouped_gemm import (gather_grouped_gemm, gather_grouped_gemm_torch, grouped_gemm, grouped_gemm_torch,
                                permute_grouped_gemm)
     from .permute import permute, permute_torch, unpermute, unpermute_torch
     from .swiglu import swiglu, swiglu_torch
 
 __all__ = [
+    "Backend",
+    "backend_for",
+    "force_twins",
     "gather_grouped_gemm",
     "gather_grouped_gemm_torch",
     "grouped_gemm",

@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._backend import interpreting as _interpreting, use_triton as _use_triton
+from ._backend import Backend, backend_for, launch_backend
 from .permute import _check_permute_args, _route, _unpermute_op, permute_torch
 
 try:
@@ -164,13 +164,6 @@ def sm90_compile_jobs(dtype: torch.dtype = torch.bfloat16, input_precision: str 
 
 # ----------------------------------------------------------------------------------------------- launchers
 
-def _check_interpreter_kernel(kernel) -> None:
-    # triton.jit decides at decoration time; kernels built as compiled JITFunctions cannot run on CPU.
-    if type(kernel).__name__ != "InterpretedFunction":
-        raise RuntimeError("TRITON_INTERPRET=1 was set after triton.jit built the kernels; set it before "
-                           "importing tritonmoe (or unset it to run the PyTorch twin on CPU)")
-
-
 _AUTOTUNED: dict = {}
 
 
@@ -199,7 +192,6 @@ def _launch(kernel, configs_fn, key: list[str], grid_fn, args: tuple, dtype: tor
             interpret: bool, **constexprs) -> None:
     pinned = _pinned_config()
     if interpret:
-        _check_interpreter_kernel(kernel)
         cfg = pinned or INTERPRETER_CONFIG
         meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
         kernel[grid_fn(meta)](*args, **meta, **constexprs, UPCAST=True, INPUT_PRECISION="ieee")
@@ -236,7 +228,7 @@ def _grouped_mm_launch(a: torch.Tensor, b: torch.Tensor, group_sizes: torch.Tens
     _launch(grouped_mm_kernel, forward_configs, ["N", "K", "stride_bk", "GATHER_A"], grid,
             (a, group_sizes if a_rows is None else a_rows, b, out, group_sizes, M, N, K, G, a.stride(0),
              a.stride(1), b.stride(0), b.stride(1), b.stride(2), out.stride(0), out.stride(1)),
-            a.dtype, _rows_bucket(M, G), _interpreting(a), BLOCK_G=_block_g(G), SWIZZLE_M=SWIZZLE_M,
+            a.dtype, _rows_bucket(M, G), launch_backend(a) is Backend.INTERPRETER, BLOCK_G=_block_g(G), SWIZZLE_M=SWIZZLE_M,
             GATHER_A=a_rows is not None)
     return out
 
@@ -259,7 +251,7 @@ def _grouped_mm_wgrad_launch(dy: torch.Tensor, x: torch.Tensor, group_sizes: tor
     _launch(grouped_mm_wgrad_kernel, wgrad_configs, ["N", "K", "GATHER_X"], grid,
             (dy, x, group_sizes if x_rows is None else x_rows, out, group_sizes, M, N, K, G, dy.stride(0),
              dy.stride(1), x.stride(0), x.stride(1), out.stride(0), out.stride(1), out.stride(2)),
-            x.dtype, _rows_bucket(M, G), _interpreting(x), BLOCK_G=_block_g(G), GATHER_X=x_rows is not None)
+            x.dtype, _rows_bucket(M, G), launch_backend(x) is Backend.INTERPRETER, BLOCK_G=_block_g(G), GATHER_X=x_rows is not None)
     return out
 
 
@@ -395,7 +387,7 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) ->
     share a dtype (float32, float16 or bfloat16) and a device. Raises ValueError naming the offending value.
     """
     _check_args(x, w, group_sizes)
-    if not _use_triton(x):
+    if backend_for(x) is Backend.TWIN:
         _check_sizes(group_sizes, x.shape[0])
         return grouped_gemm_torch(x, w, group_sizes)
     return _grouped_mm_op(x, w, group_sizes)
@@ -437,7 +429,7 @@ def gather_grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Ten
     """
     _check_args(x, w, group_sizes)
     _check_gather(x, src_rows, row_map)
-    if not _use_triton(x):
+    if backend_for(x) is Backend.TWIN:
         return gather_grouped_gemm_torch(x, w, group_sizes, src_rows, row_map)
     return _gather_grouped_mm_op(x, w, group_sizes, src_rows.long(), row_map)
 
@@ -464,7 +456,7 @@ def permute_grouped_gemm(x: torch.Tensor, topk_idx: torch.Tensor, w: torch.Tenso
         raise ValueError(f"permute_grouped_gemm: w must be a [E, N, H] tensor, got "
                          f"{tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}")
     E = _check_permute_args(x, topk_idx, w.shape[0])
-    if not _use_triton(x):
+    if backend_for(x) is Backend.TWIN:
         x_sorted, group_sizes, row_map = permute_torch(x, topk_idx, E)
         return grouped_gemm(x_sorted, w, group_sizes), group_sizes, row_map
     group_sizes, row_map, src_rows = _route(topk_idx, E)

@@ -28,7 +28,7 @@ import os
 
 import torch
 
-from ._backend import use_triton as _use_triton
+from ._backend import Backend, backend_for, launch_backend
 
 try:
     import triton
@@ -102,7 +102,7 @@ def _launch_rows(kernel, src, row_map_TK, w_TK, out, num_rows):
         src, row_map_TK, w_arg, out, H, num_rows,
         src.stride(0), src.stride(1), row_map_TK.stride(0), row_map_TK.stride(1),
         w_arg.stride(0), w_arg.stride(1), out.stride(0),
-        K=K, HAS_W=w_TK is not None, BLOCK_H=block_h, INTERPRET=src.device.type == "cpu",
+        K=K, HAS_W=w_TK is not None, BLOCK_H=block_h, INTERPRET=launch_backend(src) is Backend.INTERPRETER,
         num_warps=num_warps)
 
 
@@ -132,7 +132,7 @@ def _unpermute_bwd(dy_TH, y_sorted_RH, row_map_TK, w_TK, need_dys, dys_out=None,
         row_map_TK.stride(0), row_map_TK.stride(1), w_TK.stride(0), w_TK.stride(1),
         dys_arg.stride(0), dw.stride(0), dw.stride(1),
         K=K, BLOCK_K=triton.next_power_of_2(K), NEED_DYS=need_dys, BLOCK_H=block_h,
-        INTERPRET=dy_TH.device.type == "cpu", num_warps=num_warps)
+        INTERPRET=launch_backend(dy_TH) is Backend.INTERPRETER, num_warps=num_warps)
     return dys, dw
 
 
@@ -313,7 +313,7 @@ def permute(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int):
     row_map int64 [T, K] (row of x_sorted holding token t's j-th choice). Differentiable in x.
     """
     num_experts = _check_permute_args(x, topk_idx, num_experts)
-    if not _use_triton(x):
+    if backend_for(x) is Backend.TWIN:
         return permute_torch(x, topk_idx, num_experts)
     group_sizes, row_map, _ = _route(topk_idx, num_experts)
     return _permute_rows_op(x, row_map), group_sizes, row_map
@@ -358,7 +358,7 @@ def unpermute(y_sorted: torch.Tensor, row_map: torch.Tensor, topk_weights: torch
         if topk_weights.device != y_sorted.device:
             raise ValueError(f"y_sorted is on {y_sorted.device} but topk_weights is on {topk_weights.device}")
     _check_range("row_map", row_map, y_sorted.shape[0])
-    if not _use_triton(y_sorted):
+    if backend_for(y_sorted) is Backend.TWIN:
         return unpermute_torch(y_sorted, row_map, topk_weights)
     if y_sorted.requires_grad and row_map.numel() > 0 and y_sorted.shape[0] > 0:
         # The d y_sorted scatter writes each mapped row once; a repeated row would race (the twin adds).

@@ -15,7 +15,7 @@ Backends as for the other ops (``_backend.py``); the twin ``swiglu_torch`` is th
 import torch
 import torch.nn.functional as F
 
-from ._backend import interpreting as _interpreting, use_triton as _use_triton
+from ._backend import Backend, backend_for, launch_backend
 
 try:
     import triton
@@ -46,7 +46,7 @@ def _swiglu_launch(gu: torch.Tensor, out: torch.Tensor | None = None) -> torch.T
     assert out.shape == (R, I) and (out.stride(1) == 1 or I <= 1) and (gu.stride(1) == 1 or I == 0)
     if R == 0 or I == 0:
         return out
-    interpret = _interpreting(gu)
+    interpret = launch_backend(gu) is Backend.INTERPRETER
     block_r, block_c, num_warps = _tile(R, I, gu.element_size(), interpret)
     _swiglu_fwd_kernel[(triton.cdiv(R, block_r), triton.cdiv(I, block_c))](
         gu, out, R, I, gu.stride(0), out.stride(0),
@@ -64,7 +64,7 @@ def _swiglu_bwd_launch(dh: torch.Tensor, gu: torch.Tensor, out: torch.Tensor | N
         return out
     if dh.stride(1) != 1:  # an expanded or transposed incoming gradient: one copy, then unit-stride loads
         dh = dh.contiguous()
-    interpret = _interpreting(gu)
+    interpret = launch_backend(gu) is Backend.INTERPRETER
     block_r, block_c, num_warps = _tile(R, I, gu.element_size(), interpret)
     _swiglu_bwd_kernel[(triton.cdiv(R, block_r), triton.cdiv(I, block_c))](
         dh, gu, out, R, I, dh.stride(0), gu.stride(0), out.stride(0),
@@ -132,7 +132,7 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     last dimension or an unsupported dtype.
     """
     _check(gate_up)
-    if not _use_triton(gate_up):
+    if backend_for(gate_up) is Backend.TWIN:
         return swiglu_torch(gate_up)
     lead, two_i = gate_up.shape[:-1], gate_up.shape[-1]
     flat = gate_up.reshape(-1, two_i)

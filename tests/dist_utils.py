@@ -7,8 +7,8 @@ temporary folder (no TCP port to pick: a port found free and released can be tak
 runs fn(*args), and reports its result or its traceback. One intra-op thread per rank: the CI machine has 2
 cores and a group has up to 4 ranks.
 
-Kernels: the children run the kernels' PyTorch twins (TRITON_INTERPRET=0; the kernels pick their backend per
-call), as the CPU training example does. These tests are about dispatch, sharding and training state, and
+Kernels: the children run the kernels' PyTorch twins (inside ``force_twins()``), as the CPU training example
+does. These tests are about dispatch, sharding and training state, and
 the kernels' own tests check the Triton kernels against the same twins; through the interpreter a group
 took ~10x longer.
 """
@@ -24,12 +24,14 @@ def _child(rank, world, store_path, fn, args, queue):
     import torch
     import torch.distributed as dist
 
-    os.environ["TRITON_INTERPRET"] = "0"
+    from tritonmoe.kernels import force_twins
+
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
-        result = fn(*args)
+        with force_twins():
+            result = fn(*args)
         # Plain pickle bytes: through the queue's own pickler torch would pass tensors as shared-memory
         # handles, which vanish when this process exits.
         queue.put((rank, True, pickle.dumps(result)))

@@ -30,13 +30,16 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
 
 
 def use_twins(monkeypatch) -> None:
-    """Route CPU kernel calls to the PyTorch twins: the backend a CPU user gets without TRITON_INTERPRET=1.
+    """Route CPU kernel calls to the PyTorch twins for the rest of the test: the backend a CPU user gets without
+    TRITON_INTERPRET=1 (the switch ``tritonmoe.kernels.force_twins()`` flips, undone when the test ends).
 
     For tests of model, balancing and training logic rather than of the kernels: an interpreted grouped-GEMM
     launch costs 0.1-1 s on CI's 2 cores. The kernels' own tests hold the Triton kernels to the twins, and the
     transformers parity tests run every case on both paths.
     """
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from tritonmoe.kernels import _backend
+
+    monkeypatch.setattr(_backend, "_twins_forced", _backend._twins_forced + 1)
 
 
 # ---------------------------------------------------------------------------------------------------------

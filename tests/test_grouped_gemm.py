@@ -4,13 +4,14 @@ Forward, input gradient and weight gradient are each checked by calling the laun
 output, so rows a kernel forgets to write show up; the public autograd path is checked end to end.
 """
 
+import contextlib
 import importlib
 
 import pytest
 import torch
 
 from helpers import assert_close, poison_
-from tritonmoe.kernels import grouped_gemm, grouped_gemm_torch
+from tritonmoe.kernels import Backend, backend_for, force_twins, grouped_gemm, grouped_gemm_torch
 from tritonmoe.kernels.grouped_gemm import _grouped_mm_launch, _grouped_mm_wgrad_launch
 
 # The package re-exports the function under the module's name, so reach the module itself this way.
@@ -171,15 +172,17 @@ def test_bad_sizes_never_write_out_of_bounds(sizes):
 
 
 def test_backend_choice(monkeypatch):
-    # CPU + TRITON_INTERPRET=1 runs the Triton kernels; CPU without it runs the twin.
+    # CPU + TRITON_INTERPRET=1 runs the Triton kernels; CPU under force_twins() (or without it) runs the twin.
     calls = []
     twin = gg_module.grouped_gemm_torch
     monkeypatch.setattr(gg_module, "grouped_gemm_torch", lambda *a: calls.append(1) or twin(*a))
     x, w, sizes = torch.randn(9, 16), torch.randn(2, 8, 16), torch.tensor([4, 5])
     gg_module.grouped_gemm(x, w, sizes)
-    assert calls == []
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    y = gg_module.grouped_gemm(x, w, sizes)
+    assert calls == [] and backend_for(x) is Backend.INTERPRETER
+    with force_twins():
+        assert backend_for(x) is Backend.TWIN
+        y = gg_module.grouped_gemm(x, w, sizes)
+    assert backend_for(x) is Backend.INTERPRETER
     assert calls == [1]
     assert_close(y, twin(x, w, sizes), 1e-6)
 
@@ -211,10 +214,9 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("x,w,sizes,msg", BAD_INPUTS)
-@pytest.mark.parametrize("interpret", ["1", "0"], ids=["kernel", "twin"])
-def test_value_errors(monkeypatch, interpret, x, w, sizes, msg):
-    monkeypatch.setenv("TRITON_INTERPRET", interpret)
-    with pytest.raises(ValueError, match=msg):
+@pytest.mark.parametrize("twin", [False, True], ids=["kernel", "twin"])
+def test_value_errors(twin, x, w, sizes, msg):
+    with force_twins() if twin else contextlib.nullcontext(), pytest.raises(ValueError, match=msg):
         grouped_gemm(x, w, sizes)
 
 
@@ -245,7 +247,7 @@ def test_compiled_path_config_choice(monkeypatch):
     # H100's shared memory in fp32); every rows-per-group bucket tunes on its own; a pin is one config.
     log = []
     monkeypatch.setattr(gg_module, "_autotuned", lambda *a: _RecordingTuner(log, *a))
-    monkeypatch.setattr(gg_module, "_interpreting", lambda t: False)
+    monkeypatch.setattr(gg_module, "launch_backend", lambda t: Backend.COMPILED)
     saved = torch.get_float32_matmul_precision()
     try:
         for precision in ("highest", "high"):
@@ -324,13 +326,13 @@ def test_permute_grouped_gemm_equals_permute_then_grouped_gemm(dtype):
 
 
 def test_permute_grouped_gemm_twin_path(monkeypatch):
-    # TRITON_INTERPRET unset on CPU: permute_torch then grouped_gemm_torch, the CPU training path.
+    # The twins on CPU: permute_torch then grouped_gemm_torch, the CPU training path.
     from tritonmoe.kernels import permute_grouped_gemm, permute_torch
 
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(gg_module, "_gather_grouped_mm_op", None)  # a call would fail
     topk_idx, x, w = _routing(9, 2, 4), torch.randn(9, 16), torch.randn(4, 8, 16)
-    y, sizes, rm = permute_grouped_gemm(x, topk_idx, w)
+    with force_twins():
+        y, sizes, rm = permute_grouped_gemm(x, topk_idx, w)
     xs, sizes_ref, rm_ref = permute_torch(x, topk_idx, 4)
     assert torch.equal(y, grouped_gemm_torch(xs, w, sizes_ref)) and torch.equal(rm, rm_ref)
 

@@ -5,16 +5,12 @@ One group of 4 forked ranks runs every check (process start-up dominates on CI's
 computes the single-process reference on the whole input, so the comparison needs no extra exchange.
 """
 
-import os
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from dist_utils import run_distributed  # noqa: E402
-from helpers import assert_close  # noqa: E402
+from dist_utils import run_distributed
+from helpers import assert_close
+from tritonmoe.kernels import _backend
 
 WORLD = 4
 TOL = 1e-5  # fp32: EP changes only the order of a few additions in the gradient scatter
@@ -114,12 +110,13 @@ def _ep_case(ep: int, tokens_per_rank: list[int], bias_to: list[int] | None, dty
     y_ref = ref(x_ref)
     (y_ref * dy_all).sum().backward()
     x = x_all[mine].clone().requires_grad_()
-    os.environ["TRITON_INTERPRET"] = "1" if interpret_ep else "0"
+    forced = _backend._twins_forced  # dist_utils runs every rank inside force_twins(): lift it for this layer
+    _backend._twins_forced = 0 if interpret_ep else forced
     try:
         y = moe(x)
         (y * dy_all[mine]).sum().backward()
     finally:
-        os.environ["TRITON_INTERPRET"] = "0"
+        _backend._twins_forced = forced
 
     # Each rank holds experts [ep_rank*L, (ep_rank+1)*L); their gradient is spread over the edp groups.
     local = slice(ep_rank * L, (ep_rank + 1) * L)
@@ -161,7 +158,7 @@ def _worker(interpret: bool):
 
 
 def test_ep_moe_matches_single_process():
-    out = run_distributed(_worker, WORLD, os.environ.get("TRITON_INTERPRET") == "1")
+    out = run_distributed(_worker, WORLD, _backend.INTERPRET)
     mesh_errors, _ = out[0]
     assert "does not divide the world size 4" in mesh_errors[0]
     assert "does not divide n_routed_experts=6" in mesh_errors[1]

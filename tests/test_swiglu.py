@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import LaunchRecorder, assert_close, global_accesses, poison_, sm90_job
-from tritonmoe.kernels import swiglu, swiglu_torch
+from tritonmoe.kernels import Backend, force_twins, swiglu, swiglu_torch
 from tritonmoe.kernels.swiglu import _swiglu_bwd_launch, _swiglu_launch
 
 sw = importlib.import_module("tritonmoe.kernels.swiglu")
@@ -146,10 +146,10 @@ def test_bad_input_raises_value_error(bad, match):
 
 def test_twin_without_interpreter(monkeypatch):
     # The CPU user's path: no Triton launch, the twin's autograd.
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(sw, "_swiglu_op", None)  # a call would fail
     gu = torch.randn(5, 8, requires_grad=True)
-    swiglu(gu).sum().backward()
+    with force_twins():
+        swiglu(gu).sum().backward()
     assert_close(gu.grad, _twin_grad(gu, torch.ones(5, 4)), 1e-6, what="d gate_up")
 
 
@@ -167,7 +167,7 @@ def test_kernels_compile_for_sm90a_with_16_byte_accesses_and_no_spills(monkeypat
     launches = []
     for name in ("_swiglu_fwd_kernel", "_swiglu_bwd_kernel"):
         monkeypatch.setattr(sw, name, LaunchRecorder(getattr(sw, name), launches))
-    monkeypatch.setattr(sw, "_interpreting", lambda t: False)  # tile as for a CUDA tensor
+    monkeypatch.setattr(sw, "launch_backend", lambda t: Backend.COMPILED)  # tile as for a CUDA tensor
     for dtype in (torch.bfloat16, torch.float32):
         gu = torch.randn(16, 4096, dtype=dtype)
         _swiglu_launch(gu)
