@@ -11,7 +11,6 @@ per thread, spill bytes, local-memory instructions, HGMMA count and shared memor
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from typing import Any
@@ -71,13 +70,13 @@ def run_benchmarks(device: torch.device, names: list[str], quick: bool, threads:
 # --------------------------------------------------------------------------------- sm_90a compile report
 
 def compile_report() -> list[dict[str, Any]]:
-    gg = importlib.import_module("tritonmoe.kernels.grouped_gemm")  # the module; the package attribute is the op
     from tritonmoe.kernels._sm90 import SM90_SMEM_LIMIT, compile_sm90_all
+    from tritonmoe.kernels._sm90_jobs import grouped_gemm_jobs
 
-    jobs = gg.sm90_compile_jobs(torch.bfloat16)
+    jobs = grouped_gemm_jobs(torch.bfloat16)
     print(f"[bench] compiling {len(jobs)} grouped-GEMM configs for sm_90a ...", file=sys.stderr, flush=True)
     reports = compile_sm90_all([j for _, _, j in jobs])
-    return [{"pass": pas, "block_m": c.block_m, "block_n": c.block_n, "block_k": c.block_k,
+    return [{"pass": pas, "block_m": c.block_m, "block_n": c.block_n, "block_d": c.block_d,
              "num_warps": c.num_warps, "num_stages": c.num_stages, "registers": r.registers,
              "spill_bytes": r.spill_bytes, "local_ops": r.local_ops, "hgmma": r.hgmma,
              "shared_kib": round(r.shared_bytes / 1024, 1), "fits_smem": r.shared_bytes <= SM90_SMEM_LIMIT}
@@ -86,7 +85,7 @@ def compile_report() -> list[dict[str, Any]]:
 
 def compile_table(rows: list[dict[str, Any]]) -> str:
     """Markdown, so it can be pasted into bench/NOTES.md as printed."""
-    cols = ["pass", "block_m", "block_n", "block_k", "num_warps", "num_stages", "registers", "spill_bytes",
+    cols = ["pass", "block_m", "block_n", "block_d", "num_warps", "num_stages", "registers", "spill_bytes",
             "local_ops", "hgmma", "shared_kib", "fits_smem"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]

@@ -1,9 +1,12 @@
 """Pure ``@triton.jit`` code of the grouped GEMM family (launchers, autograd and configs: grouped_gemm.py).
 
+Shape letters: M rows, N output features, D the reduction (dot) dimension, G groups (K is top-k elsewhere in the
+package, never a GEMM dimension here).
+
 Two kernels serve the three GEMMs of an expert layer:
 
-* ``grouped_mm_kernel``: out[rows of g] = a[rows of g] @ b[g].T with b indexed [G, N, K] through explicit
-  strides. The forward passes ``w`` ([G, N, K]); the input gradient passes ``w.transpose(1, 2)`` (a stride
+* ``grouped_mm_kernel``: out[rows of g] = a[rows of g] @ b[g].T with b indexed [G, N, D] through explicit
+  strides. The forward passes ``w`` ([G, N, D]); the input gradient passes ``w.transpose(1, 2)`` (a stride
   swap, no copy) so that dX[rows of g] = dY[rows of g] @ w[g].
 * ``grouped_mm_wgrad_kernel``: dW[g] = dY[rows of g].T @ X[rows of g], a GEMM grouped along its reduction
   dimension. Every (g, n-tile, k-tile) program writes its tile even when group g is empty, so an empty
@@ -25,19 +28,19 @@ import triton.language as tl
 
 @triton.jit
 def grouped_mm_kernel(
-    a_ptr,  # [M, K] rows sorted by group (x in the forward, dY in the input gradient); [T, K] when GATHER_A
+    a_ptr,  # [M, D] rows sorted by group (x in the forward, dY in the input gradient); [T, D] when GATHER_A
     a_rows_ptr,  # [M] int64, read only when GATHER_A: logical row m of the GEMM is a[a_rows[m]]
-    b_ptr,  # [G, N, K] through strides (w in the forward, w.transpose(1, 2) in the input gradient)
+    b_ptr,  # [G, N, D] through strides (w in the forward, w.transpose(1, 2) in the input gradient)
     out_ptr,  # [M, N] rows sorted by group like a
     group_sizes_ptr,  # [G] int32/int64, rows per group, sum == M
-    M, N, K, G,
-    stride_am, stride_ak,
-    stride_bg, stride_bn, stride_bk,
+    M, N, D, G,
+    stride_am, stride_ad,
+    stride_bg, stride_bn, stride_bd,
     stride_om, stride_on,
     BLOCK_G: tl.constexpr,  # next power of two >= G: the whole size vector is loaded at once
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     SWIZZLE_M: tl.constexpr,  # m-tiles that share a band of n-tiles, for L2 reuse of a and b
     GATHER_A: tl.constexpr,  # rows of a gathered through a_rows (permute fused into the prologue)
     UPCAST: tl.constexpr,  # interpreter only: its bf16 is raw uint16, so dot fp32 copies instead
@@ -72,34 +75,34 @@ def grouped_mm_kernel(
         row_end = row_start + tl.maximum(tl.load(group_sizes_ptr + g).to(tl.int64), 0)
         tile_in_group = pid_m - tl.sum(tl.where(before, tiles, 0), 0)
         # int64 rows: row * stride reaches T*K*H = 9.4e8 at T=16384 for DeepSeek-V3 and passes 2^31 at
-        # T >= 37,450; g * stride_bg passes it at G*N*K = 256*4096*7168 = 7.5e9.
+        # T >= 37,450; g * stride_bg passes it at G*N*D = 256*4096*7168 = 7.5e9.
         offs_m = row_start + tile_in_group * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
         # rows >= M are masked too, so sizes that overrun M can never write out of bounds.
         mask_m = (offs_m < row_end) & (offs_m < M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        offs_k = tl.arange(0, BLOCK_K)
+        offs_d = tl.arange(0, BLOCK_D)
 
         if GATHER_A:
-            # Each logical row reads its source row directly (a token row of x, K copies of which feed K
-            # experts): the expert-ordered copy of x is never written. Masked rows read row 0, never used.
+            # Each logical row reads its source row directly (a token row of x, read once per expert that token
+            # chose): the expert-ordered copy of x is never written. Masked rows read row 0, never used.
             a_rows = tl.load(a_rows_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
         else:
             a_rows = offs_m
-        a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+        a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_d[None, :] * stride_ad
         b_ptrs = (b_ptr + g.to(tl.int64) * stride_bg + offs_n[None, :].to(tl.int64) * stride_bn
-                  + offs_k[:, None] * stride_bk)
+                  + offs_d[:, None] * stride_bd)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            mask_k = offs_k < K - k0
-            a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        for d0 in range(0, D, BLOCK_D):
+            mask_d = offs_d < D - d0
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-            a_ptrs += BLOCK_K * stride_ak
-            b_ptrs += BLOCK_K * stride_bk
+            a_ptrs += BLOCK_D * stride_ad
+            b_ptrs += BLOCK_D * stride_bd
 
         out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -108,18 +111,18 @@ def grouped_mm_kernel(
 @triton.jit
 def grouped_mm_wgrad_kernel(
     dy_ptr,  # [M, N] output gradient, rows sorted by group
-    x_ptr,  # [M, K] forward input, rows sorted by group; [T, K] when GATHER_X
+    x_ptr,  # [M, D] forward input, rows sorted by group; [T, D] when GATHER_X
     x_rows_ptr,  # [M] int64, read only when GATHER_X: logical row m of the forward input is x[x_rows[m]]
-    dw_ptr,  # [G, N, K] weight gradient, written in full (zeros for empty groups)
+    dw_ptr,  # [G, N, D] weight gradient, written in full (zeros for empty groups)
     group_sizes_ptr,  # [G] int32/int64, rows per group, sum == M
-    M, N, K, G,
+    M, N, D, G,
     stride_dym, stride_dyn,
-    stride_xm, stride_xk,
-    stride_dwg, stride_dwn, stride_dwk,
+    stride_xm, stride_xd,
+    stride_dwg, stride_dwn, stride_dwd,
     BLOCK_G: tl.constexpr,  # next power of two >= G
     BLOCK_M: tl.constexpr,  # rows reduced per step (the reduction dimension here)
     BLOCK_N: tl.constexpr,  # output tile over N
-    BLOCK_K: tl.constexpr,  # output tile over K
+    BLOCK_D: tl.constexpr,  # output tile over D
     GATHER_X: tl.constexpr,  # rows of x gathered through x_rows, as in grouped_mm_kernel's GATHER_A
     UPCAST: tl.constexpr,  # interpreter only, see grouped_mm_kernel
     INPUT_PRECISION: tl.constexpr,
@@ -127,11 +130,11 @@ def grouped_mm_wgrad_kernel(
     # Grid: G * n-tiles * k-tiles, group slowest, so programs running together share a group's rows in L2.
     pid = tl.program_id(0)
     num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
-    num_pid_k = (K + BLOCK_K - 1) // BLOCK_K
-    g = pid // (num_pid_n * num_pid_k)
-    tile = pid % (num_pid_n * num_pid_k)
-    pid_n = tile // num_pid_k
-    pid_k = tile % num_pid_k
+    num_pid_d = (D + BLOCK_D - 1) // BLOCK_D
+    g = pid // (num_pid_n * num_pid_d)
+    tile = pid % (num_pid_n * num_pid_d)
+    pid_n = tile // num_pid_d
+    pid_d = tile % num_pid_d
 
     offs_g = tl.arange(0, BLOCK_G)
     sizes = tl.load(group_sizes_ptr + offs_g, mask=offs_g < G, other=0).to(tl.int64)
@@ -140,14 +143,14 @@ def grouped_mm_wgrad_kernel(
     # Clamped to M so that sizes overrunning M never read past the end of dy or x.
     row_end = tl.minimum(row_start + tl.maximum(tl.load(group_sizes_ptr + g).to(tl.int64), 0), M)
 
-    # int64 columns too: a transposed dy or x (stride M along N or K, which the autograd path can pass)
+    # int64 columns too: a transposed dy or x (stride M along N or D, which the autograd path can pass)
     # makes n * stride_dyn reach N * M, past 2^31 at M = 300K rows (DeepSeek-V3 gate/up, T >= 37,450).
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
     mask_n = offs_n < N
-    mask_k = offs_k < K
+    mask_d = offs_d < D
     offs_r = tl.arange(0, BLOCK_M)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     # An empty group runs zero iterations and stores the zero accumulator.
     for r0 in range(row_start, row_end, BLOCK_M):
         # int64 rows: row * stride passes 2^31 for DeepSeek-V3 sizes (see grouped_mm_kernel).
@@ -159,13 +162,13 @@ def grouped_mm_wgrad_kernel(
             x_rows = tl.load(x_rows_ptr + rows, mask=mask_r, other=0).to(tl.int64)
         else:
             x_rows = rows
-        xt = tl.load(x_ptr + x_rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                     mask=mask_r[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+        xt = tl.load(x_ptr + x_rows[:, None] * stride_xm + offs_d[None, :] * stride_xd,
+                     mask=mask_r[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
         if UPCAST:
             dy_t = dy_t.to(tl.float32)
             xt = xt.to(tl.float32)
         acc = tl.dot(dy_t, xt, acc, input_precision=INPUT_PRECISION)
 
-    # g * stride_dwg reaches G*N*K = 7.5e9 for DeepSeek-V3 gate/up: int64.
-    dw_ptrs = dw_ptr + g.to(tl.int64) * stride_dwg + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk
-    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_k[None, :])
+    # g * stride_dwg reaches G*N*D = 7.5e9 for DeepSeek-V3 gate/up: int64.
+    dw_ptrs = dw_ptr + g.to(tl.int64) * stride_dwg + offs_n[:, None] * stride_dwn + offs_d[None, :] * stride_dwd
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :])

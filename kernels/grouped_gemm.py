@@ -1,6 +1,9 @@
 """Grouped GEMM over experts: y[rows of g] = x[rows of g] @ w[g].T for every group g in one launch.
 
-In: x [M, K] (rows sorted by group), w [G, N, K] (each group an nn.Linear weight, out x in), group_sizes [G]
+Shape letters: M rows, N output features, D the reduction (dot) dimension, G groups (K is top-k in the rest of
+the package and never a GEMM dimension here).
+
+In: x [M, D] (rows sorted by group), w [G, N, D] (each group an nn.Linear weight, out x in), group_sizes [G]
 integer (sum == M, zeros allowed). Out: y [M, N] in x.dtype, accumulated in fp32. Differentiable in x and w:
 
 * forward and input gradient share ``grouped_mm_kernel``; dX = dY @ w[g] passes w.transpose(1, 2) as strides;
@@ -14,9 +17,9 @@ Neither kernel needs the group sizes on the host: each program derives its (grou
 the device (see _grouped_gemm_kernels.py), so the forward has no device-to-host sync.
 
 Backends: CUDA tensors run the compiled kernels, autotuned over ``forward_configs()`` / ``wgrad_configs()``
-(per dtype) keyed on (N, K) and a power-of-two bucket of rows per group;
-``TRITONMOE_GEMM_CONFIG="BM,BN,BK,warps,stages"`` pins one config for both kernels (for the
-weight gradient BM is the reduction step and BN x BK the output tile). CPU tensors run the same kernels in
+(per dtype) keyed on (N, D) and a power-of-two bucket of rows per group;
+``TRITONMOE_GEMM_CONFIG="BM,BN,BD,warps,stages"`` pins one config for both kernels (for the
+weight gradient BM is the reduction step and BN x BD the output tile). CPU tensors run the same kernels in
 Triton's interpreter when ``TRITON_INTERPRET=1``, else the plain-PyTorch twin ``grouped_gemm_torch``.
 The ops are registered with ``torch.library`` (fake + autograd), so they trace under ``torch.compile``.
 """
@@ -41,19 +44,19 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class GemmConfig(NamedTuple):
-    """One tile configuration. For the weight gradient block_m is the reduction step and block_n x block_k
+    """One tile configuration. For the weight gradient block_m is the reduction step and block_n x block_d
     the output tile of dW[g]."""
     block_m: int
     block_n: int
-    block_k: int
+    block_d: int
     num_warps: int
     num_stages: int
 
 
 def forward_configs(dtype: torch.dtype = torch.bfloat16, input_precision: str = "tf32") -> list[GemmConfig]:
-    """Candidates for grouped_mm_kernel (forward and dX) on Hopper, for DeepSeek-V3's shapes: K=7168 -> N=4096
-    (fused gate/up), K=2048 -> N=7168 (down), ~R/E = 512 rows per expert at 16K tokens, fewer at 256 experts
-    and small batches. BLOCK_M 64/128 x BLOCK_N 128/256 are wgmma's native 64xN tiles; BLOCK_K 64 is one
+    """Candidates for grouped_mm_kernel (forward and dX) on Hopper, for DeepSeek-V3's shapes: D=7168 -> N=4096
+    (fused gate/up), D=2048 -> N=7168 (down), ~R/E = 512 rows per expert at 16K tokens, fewer at 256 experts
+    and small batches. BLOCK_M 64/128 x BLOCK_N 128/256 are wgmma's native 64xN tiles; BLOCK_D 64 is one
     128-byte swizzled bf16 row. 128x256 with 8 warps (two warpgroups, 128 accumulator registers a thread)
     is the large-GEMM shape; 64-row tiles waste less on the ragged last tile of small groups.
 
@@ -70,7 +73,7 @@ def forward_configs(dtype: torch.dtype = torch.bfloat16, input_precision: str = 
 
 
 def wgrad_configs(dtype: torch.dtype = torch.bfloat16, input_precision: str = "tf32") -> list[GemmConfig]:
-    """Candidates for grouped_mm_wgrad_kernel: output tile BLOCK_N x BLOCK_K of dW[g] ([N, K] = [4096, 7168]
+    """Candidates for grouped_mm_wgrad_kernel: output tile BLOCK_N x BLOCK_D of dW[g] ([N, D] = [4096, 7168]
     or [7168, 2048]), reducing over the group's rows 64 at a time; 256 groups x 512 rows means short
     reductions, so the output tile is kept large and pipelining deep enough to cover the few iterations."""
     if dtype == torch.float32:
@@ -86,7 +89,7 @@ def wgrad_configs(dtype: torch.dtype = torch.bfloat16, input_precision: str = "t
 def _fp32_configs(input_precision: str, wgrad: bool) -> list[GemmConfig]:
     """fp32 operands on Hopper (sm_90a compile reports, Triton 3.9, in bench/NOTES.md).
 
-    tf32 (torch.set_float32_matmul_precision("high")): the 16-bit tiles with BLOCK_K halved, the same bytes of
+    tf32 (torch.set_float32_matmul_precision("high")): the 16-bit tiles with BLOCK_D halved, the same bytes of
     shared memory per stage; the 16-bit lists as they are need 192-288 KiB, past the 227 KiB an H100 CTA gets,
     so every weight-gradient config failed to launch. "ieee" (torch's default "highest") cannot use wgmma and
     runs on FMA: small tiles, because the 64-256-wide 16-bit tiles spill 13-19 KB a thread there."""
@@ -113,53 +116,10 @@ def _pinned_config() -> GemmConfig | None:
     try:
         cfg = GemmConfig(*(int(v) for v in spec.split(",")))
     except (TypeError, ValueError):
-        raise ValueError(f"{CONFIG_ENV}={spec!r}: expected five integers 'BM,BN,BK,warps,stages'") from None
+        raise ValueError(f"{CONFIG_ENV}={spec!r}: expected five integers 'BM,BN,BD,warps,stages'") from None
     if any(b < 16 or b & (b - 1) for b in cfg[:3]):
         raise ValueError(f"{CONFIG_ENV}={spec!r}: block sizes must be powers of two >= 16")
     return cfg
-
-
-def sm90_compile_jobs(dtype: torch.dtype = torch.bfloat16, input_precision: str = "tf32") -> list:
-    """One ``_sm90.Sm90Job`` per (kernel, layout, config) this family can launch on Hopper: the forward
-    (b = w, K-major), the input gradient (b = w.transpose(1, 2), N-major) and the weight gradient, each over
-    its config list for `dtype` and `input_precision` (what _launch would pick). Specialised like a launch
-    with DeepSeek-V3 shapes: unit strides are constants, pointers,
-    N, K and the other strides are multiples of 16; M and G are left unaligned. For tests/test_sm90_compile.py
-    and the benchmarks' notes."""
-    from ._sm90 import Sm90Job
-
-    ty = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-    meta = ("BLOCK_G", "BLOCK_M", "BLOCK_N", "BLOCK_K", "UPCAST", "INPUT_PRECISION")
-
-    def job(kernel, ptrs, ints, unit_strides, cfg, **extra):
-        sig = {p: f"*{ty}" for p in ptrs} | {n: "*i64" for n in ("group_sizes_ptr", "a_rows_ptr", "x_rows_ptr")}
-        sig |= {n: "i32" for n in ints}
-        sig |= {n: "constexpr" for n in (*unit_strides, *meta, *extra)}
-        consts = {n: 1 for n in unit_strides} | dict(BLOCK_G=256, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                                                      BLOCK_K=cfg.block_k, UPCAST=False,
-                                                      INPUT_PRECISION=input_precision) | extra
-        # Order the signature like the kernel's arguments.
-        sig = {n: sig[n] for n in kernel.arg_names}  # (drops the row-index pointer the kernel does not take)
-        aligned = [n for n, t in sig.items() if t != "constexpr" and n not in ("M", "G")]
-        return Sm90Job(kernel, sig, consts, tuple(aligned), cfg.num_warps, cfg.num_stages)
-
-    strides = ("stride_am", "stride_ak", "stride_bg", "stride_bn", "stride_bk", "stride_om", "stride_on")
-    jobs = []
-    # "-gather": x's rows read through an index (gather_grouped_gemm), for the forward and weight gradient.
-    for layout, units, gather in (("fwd", ("stride_ak", "stride_bk", "stride_on"), False),
-                                  ("dgrad", ("stride_ak", "stride_bn", "stride_on"), False),
-                                  ("fwd-gather", ("stride_ak", "stride_bk", "stride_on"), True)):
-        for cfg in forward_configs(dtype, input_precision):
-            ints = ["M", "N", "K", "G", *(s for s in strides if s not in units)]
-            jobs.append((layout, cfg, job(grouped_mm_kernel, ("a_ptr", "b_ptr", "out_ptr"), ints, units, cfg,
-                                          SWIZZLE_M=SWIZZLE_M, GATHER_A=gather)))
-    units = ("stride_dyn", "stride_xk", "stride_dwk")
-    for layout, gather in (("wgrad", False), ("wgrad-gather", True)):
-        for cfg in wgrad_configs(dtype, input_precision):
-            ints = ["M", "N", "K", "G", "stride_dym", "stride_xm", "stride_dwg", "stride_dwn"]
-            jobs.append((layout, cfg, job(grouped_mm_wgrad_kernel, ("dy_ptr", "x_ptr", "dw_ptr"), ints, units, cfg,
-                                          GATHER_X=gather)))
-    return jobs
 
 
 # ----------------------------------------------------------------------------------------------- launchers
@@ -176,12 +136,12 @@ def _rows_bucket(M: int, G: int) -> int:
 def _autotuned(kernel, configs: list[GemmConfig], key: list[str], bucket: int):
     """triton.autotune over `configs`, keyed on `key` (shape and layout arguments; Triton adds the dtypes),
     one tuner per rows-per-group bucket. M itself changes every step with routing and must not trigger
-    re-tuning, but the best tile differs between 128 and 8192 rows per group: a single tuner keyed on (N, K)
+    re-tuning, but the best tile differs between 128 and 8192 rows per group: a single tuner keyed on (N, D)
     would keep whatever won on the first batch it saw (in the benchmark sweep, the smallest case)."""
     cache_key = (kernel, tuple(configs), tuple(key), bucket)
     if cache_key not in _AUTOTUNED:
         _AUTOTUNED[cache_key] = triton.autotune(
-            configs=[triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k},
+            configs=[triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_D": c.block_d},
                                    num_warps=c.num_warps, num_stages=c.num_stages) for c in configs],
             key=key,
         )(kernel)
@@ -193,7 +153,7 @@ def _launch(kernel, configs_fn, key: list[str], grid_fn, args: tuple, dtype: tor
     pinned = _pinned_config()
     if interpret:
         cfg = pinned or INTERPRETER_CONFIG
-        meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
+        meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d)
         kernel[grid_fn(meta)](*args, **meta, **constexprs, UPCAST=True, INPUT_PRECISION="ieee")
         return
     # Follows torch's own fp32 matmul setting: "highest" (torch's default) keeps full fp32 products.
@@ -209,24 +169,24 @@ def _block_g(num_groups: int) -> int:
 
 def _grouped_mm_launch(a: torch.Tensor, b: torch.Tensor, group_sizes: torch.Tensor,
                        out: torch.Tensor | None = None, a_rows: torch.Tensor | None = None) -> torch.Tensor:
-    """out[rows of g] = a[rows of g] @ b[g].T; a [M, K], b [G, N, K] any strides, out [M, N] in a.dtype.
+    """out[rows of g] = a[rows of g] @ b[g].T; a [M, D], b [G, N, D] any strides, out [M, N] in a.dtype.
     With `a_rows` (int64 [M]) logical row m is a[a_rows[m]] and a may have any number of rows.
     `out` (tests pass it pre-filled with NaN) is written in full, so unwritten rows would show."""
-    M, K = a.shape if a_rows is None else (a_rows.shape[0], a.shape[1])
+    M, D = a.shape if a_rows is None else (a_rows.shape[0], a.shape[1])
     G, N, _ = b.shape
     if out is None:
         out = a.new_empty(M, N)
     if M == 0 or N == 0:
         return out
-    if K == 0:
+    if D == 0:
         return out.zero_()
     group_sizes = group_sizes.contiguous()  # G integers; the kernels read them as one vector
     grid = lambda meta: ((triton.cdiv(M, meta["BLOCK_M"]) + G) * triton.cdiv(N, meta["BLOCK_N"]),)
-    # stride_bk in the key: the forward (w, K-major) and the input gradient (w.transpose(1, 2)) of one shape
+    # stride_bd in the key: the forward (w, D-major) and the input gradient (w.transpose(1, 2)) of one shape
     # are different GEMMs to tune; it is 1 for the first and the weight's row length for the second.
     # GATHER_A in the key: a gathered A loads rows through an index and may prefer another tile.
-    _launch(grouped_mm_kernel, forward_configs, ["N", "K", "stride_bk", "GATHER_A"], grid,
-            (a, group_sizes if a_rows is None else a_rows, b, out, group_sizes, M, N, K, G, a.stride(0),
+    _launch(grouped_mm_kernel, forward_configs, ["N", "D", "stride_bd", "GATHER_A"], grid,
+            (a, group_sizes if a_rows is None else a_rows, b, out, group_sizes, M, N, D, G, a.stride(0),
              a.stride(1), b.stride(0), b.stride(1), b.stride(2), out.stride(0), out.stride(1)),
             a.dtype, _rows_bucket(M, G), launch_backend(a) is Backend.INTERPRETER, BLOCK_G=_block_g(G), SWIZZLE_M=SWIZZLE_M,
             GATHER_A=a_rows is not None)
@@ -235,21 +195,21 @@ def _grouped_mm_launch(a: torch.Tensor, b: torch.Tensor, group_sizes: torch.Tens
 
 def _grouped_mm_wgrad_launch(dy: torch.Tensor, x: torch.Tensor, group_sizes: torch.Tensor, num_groups: int,
                              out: torch.Tensor | None = None, x_rows: torch.Tensor | None = None) -> torch.Tensor:
-    """dw[g] = dy[rows of g].T @ x[rows of g]; dy [M, N], x [M, K] -> dw [G, N, K] in x.dtype, every element
+    """dw[g] = dy[rows of g].T @ x[rows of g]; dy [M, N], x [M, D] -> dw [G, N, D] in x.dtype, every element
     written (empty groups get zeros). With `x_rows` (int64 [M]) row m of the forward input is x[x_rows[m]]."""
     M, N = dy.shape
-    K = x.shape[1]
+    D = x.shape[1]
     G = num_groups
     if out is None:
-        out = x.new_empty(G, N, K)
-    if G == 0 or N == 0 or K == 0:
+        out = x.new_empty(G, N, D)
+    if G == 0 or N == 0 or D == 0:
         return out
     if M == 0:
         return out.zero_()
     group_sizes = group_sizes.contiguous()  # G integers; the kernels read them as one vector
-    grid = lambda meta: (G * triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]),)
-    _launch(grouped_mm_wgrad_kernel, wgrad_configs, ["N", "K", "GATHER_X"], grid,
-            (dy, x, group_sizes if x_rows is None else x_rows, out, group_sizes, M, N, K, G, dy.stride(0),
+    grid = lambda meta: (G * triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(D, meta["BLOCK_D"]),)
+    _launch(grouped_mm_wgrad_kernel, wgrad_configs, ["N", "D", "GATHER_X"], grid,
+            (dy, x, group_sizes if x_rows is None else x_rows, out, group_sizes, M, N, D, G, dy.stride(0),
              dy.stride(1), x.stride(0), x.stride(1), out.stride(0), out.stride(1), out.stride(2)),
             x.dtype, _rows_bucket(M, G), launch_backend(x) is Backend.INTERPRETER, BLOCK_G=_block_g(G), GATHER_X=x_rows is not None)
     return out
@@ -263,9 +223,9 @@ def _check_args(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) -> 
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"grouped_gemm: {name} must be a torch.Tensor, got {type(t).__name__}")
     if x.dim() != 2:
-        raise ValueError(f"grouped_gemm: x must be [M, K], got shape {tuple(x.shape)}")
+        raise ValueError(f"grouped_gemm: x must be [M, D], got shape {tuple(x.shape)}")
     if w.dim() != 3:
-        raise ValueError(f"grouped_gemm: w must be [G, N, K], got shape {tuple(w.shape)}")
+        raise ValueError(f"grouped_gemm: w must be [G, N, D], got shape {tuple(w.shape)}")
     if group_sizes.dim() != 1:
         raise ValueError(f"grouped_gemm: group_sizes must be [G], got shape {tuple(group_sizes.shape)}")
     if w.shape[2] != x.shape[1]:
@@ -359,14 +319,14 @@ def _(x, w, group_sizes, src_rows, row_map):
 
 def _gather_setup_context(ctx, inputs, output):
     x, w, group_sizes, src_rows, row_map = inputs
-    ctx.save_for_backward(x, w, group_sizes, src_rows, row_map)  # x [S, K], not the gathered [M, K]
+    ctx.save_for_backward(x, w, group_sizes, src_rows, row_map)  # x [S, D], not the gathered [M, D]
 
 
 def _gather_backward(ctx, dy):
     x, w, group_sizes, src_rows, row_map = ctx.saved_tensors
     dx = dw = None
     if ctx.needs_input_grad[0]:
-        # dX[s] = sum over the rows m gathered from s of dA[m]: the GEMM's own input gradient dA [M, K],
+        # dX[s] = sum over the rows m gathered from s of dA[m]: the GEMM's own input gradient dA [M, D],
         # summed back through row_map by the unpermute kernel (no atomics, so deterministic).
         dx = _unpermute_op(_grouped_mm_op(dy, w.transpose(1, 2), group_sizes), row_map, None)
     if ctx.needs_input_grad[1]:
@@ -382,7 +342,7 @@ _gather_grouped_mm_op.register_autograd(_gather_backward, setup_context=_gather_
 def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
     """y[rows of g] = x[rows of g] @ w[g].T.
 
-    x [M, K] rows sorted by group; w [G, N, K]; group_sizes integer [G], >= 0, summing to M (empty groups
+    x [M, D] rows sorted by group; w [G, N, D]; group_sizes integer [G], >= 0, summing to M (empty groups
     allowed). Returns y [M, N] in x.dtype with fp32 accumulation; differentiable in x and w. x and w must
     share a dtype (float32, float16 or bfloat16) and a device. Raises ValueError naming the offending value.
     """
@@ -420,9 +380,9 @@ def _check_gather(x: torch.Tensor, src_rows: torch.Tensor, row_map: torch.Tensor
 def gather_grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor, src_rows: torch.Tensor,
                         row_map: torch.Tensor) -> torch.Tensor:
     """grouped_gemm(x[src_rows], w, group_sizes) without materialising x[src_rows]: the gather runs in the
-    GEMM's operand loads, and autograd keeps x itself rather than the gathered [M, K] copy.
+    GEMM's operand loads, and autograd keeps x itself rather than the gathered [M, D] copy.
 
-    x [S, K]; src_rows int [M] (row m of the GEMM input is x[src_rows[m]], rows grouped as group_sizes says);
+    x [S, D]; src_rows int [M] (row m of the GEMM input is x[src_rows[m]], rows grouped as group_sizes says);
     row_map int [S, C], src_rows' inverse: each m appears once, at (s, c) with src_rows[m] = s (permute's
     row_map is exactly this for src_rows = the token of each sorted row; a bijection is C = 1).
     Returns y [M, N]; differentiable in x (dX summed through row_map, no atomics) and w.

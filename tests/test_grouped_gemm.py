@@ -196,8 +196,8 @@ def test_torch_library_registration():
 
 _X, _W, _S = torch.randn(6, 8), torch.randn(2, 4, 8), torch.tensor([2, 4])
 BAD_INPUTS = [
-    pytest.param(_X[0], _W, _S, r"x must be \[M, K\], got shape \(8,\)", id="x-1d"),
-    pytest.param(_X, _W[0], _S, r"w must be \[G, N, K\], got shape \(4, 8\)", id="w-2d"),
+    pytest.param(_X[0], _W, _S, r"x must be \[M, D\], got shape \(8,\)", id="x-1d"),
+    pytest.param(_X, _W[0], _S, r"w must be \[G, N, D\], got shape \(4, 8\)", id="w-2d"),
     pytest.param(_X, _W, _S[None], r"group_sizes must be \[G\], got shape \(1, 2\)", id="sizes-2d"),
     pytest.param(_X, torch.randn(2, 4, 7), _S, r"w.shape\[2\]=7 != x.shape\[1\]=8", id="K-mismatch"),
     pytest.param(_X, _W, torch.tensor([2, 4, 0]), r"len\(group_sizes\)=3 != w.shape\[0\]=2", id="G-mismatch"),
@@ -264,13 +264,13 @@ def test_compiled_path_config_choice(monkeypatch):
     *tuned, pinned = log
     assert len(tuned) == 16 and {e["bucket"] for e in tuned} == {64, 2048}
     for e in tuned:
-        wgrad = e["key"] == ("N", "K", "GATHER_X")
+        wgrad = e["key"] == ("N", "D", "GATHER_X")
         precision = "ieee" if e["dtype"] == torch.float32 and e in tuned[:8] else "tf32"
         if e["dtype"] == torch.float32:
             assert e["precision"] == precision
         configs_fn = gg_module.wgrad_configs if wgrad else gg_module.forward_configs
         assert e["configs"] == configs_fn(e["dtype"], e["precision"]), e
-        assert wgrad or e["key"] == ("N", "K", "stride_bk", "GATHER_A")
+        assert wgrad or e["key"] == ("N", "D", "stride_bd", "GATHER_A")
     assert gg_module.forward_configs(torch.float32, "ieee") != gg_module.forward_configs(torch.float32, "tf32")
     assert gg_module.forward_configs(torch.float32, "tf32") != gg_module.forward_configs(torch.bfloat16)
     assert pinned["configs"] == [gg_module.GemmConfig(64, 64, 32, 4, 2)] and pinned["bucket"] == 0

@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("triton")
 
 from tritonmoe.kernels._sm90 import SM90_SMEM_LIMIT, compile_sm90_all  # noqa: E402
-from tritonmoe.kernels.grouped_gemm import sm90_compile_jobs  # noqa: E402
+from tritonmoe.kernels._sm90_jobs import grouped_gemm_jobs  # noqa: E402
 
 # The config lists _launch picks: 16-bit operands, and fp32 under both of torch's fp32 matmul settings
 # ("high" -> tf32 wgmma; "highest", torch's default -> ieee, which runs on FMA).
@@ -28,10 +28,10 @@ def _detector_jobs():
     # The checks mean something only if the utility can see a bad kernel. fp32 with "ieee" precision cannot
     # use wgmma (FMA instead); a 256 x 128 fp32 accumulator on one warpgroup needs 256 registers a thread for
     # the accumulator alone, past the 255 limit, so it must spill.
-    _, _, fp32 = sm90_compile_jobs(torch.float32)[-1]
-    _, _, bf16 = sm90_compile_jobs(torch.bfloat16)[0]
+    _, _, fp32 = grouped_gemm_jobs(torch.float32)[-1]
+    _, _, bf16 = grouped_gemm_jobs(torch.bfloat16)[0]
     return [
-        replace(fp32, constexprs=fp32.constexprs | dict(INPUT_PRECISION="ieee", BLOCK_N=32, BLOCK_K=32),
+        replace(fp32, constexprs=fp32.constexprs | dict(INPUT_PRECISION="ieee", BLOCK_N=32, BLOCK_D=32),
                 num_warps=4, num_stages=2),
         replace(bf16, constexprs=bf16.constexprs | dict(BLOCK_M=256, BLOCK_N=128), num_warps=4, num_stages=2),
     ]
@@ -39,17 +39,17 @@ def _detector_jobs():
 
 @pytest.fixture(scope="module")
 def reports():
-    groups = {name: sm90_compile_jobs(dtype, precision) for name, (dtype, precision) in VARIANTS.items()}
+    groups = {name: grouped_gemm_jobs(dtype, precision) for name, (dtype, precision) in VARIANTS.items()}
     detectors = _detector_jobs()
     flat = [job for jobs in groups.values() for _, _, job in jobs] + detectors
     reps = iter(compile_sm90_all(flat))
     out = {name: [(layout, cfg, next(reps)) for layout, cfg, _ in jobs] for name, jobs in groups.items()}
     out["detectors"] = list(reps)
-    print(f"\n{'variant':9} {'kernel':6} {'BM':>4} {'BN':>4} {'BK':>4} {'warps':>5} {'stages':>6} {'regs':>5} "
+    print(f"\n{'variant':9} {'kernel':6} {'BM':>4} {'BN':>4} {'BD':>4} {'warps':>5} {'stages':>6} {'regs':>5} "
           f"{'spill':>5} {'smem KiB':>8} {'HGMMA':>5}")
     for name in VARIANTS:
         for layout, cfg, rep in out[name]:
-            print(f"{name:9} {layout:6} {cfg.block_m:4} {cfg.block_n:4} {cfg.block_k:4} {cfg.num_warps:5} "
+            print(f"{name:9} {layout:6} {cfg.block_m:4} {cfg.block_n:4} {cfg.block_d:4} {cfg.num_warps:5} "
                   f"{cfg.num_stages:6} {rep.registers:5} {rep.spill_bytes:5} {rep.shared_bytes / 1024:8.0f} "
                   f"{rep.hgmma:5}")
     return out
