@@ -5,15 +5,19 @@ Shape letters: T tokens (batch * sequence flattened), H hidden, E routed experts
 by this rank (L == E without expert parallelism), K experts per token, I expert intermediate size,
 R routed rows (T*K locally; whatever the all-to-all delivers under EP), B sequences, S sequence length.
 
-    x[...,H] -> x_TH -> Router (fp32)                  -> topk_idx_TK int64, topk_w_TK fp32
-             -> self.dispatcher(x_TH, topk_idx_TK, topk_w_TK, self.experts)              (the seam)
-                  LocalDispatcher: permute fused into the gate/up GEMM -> SwiGLU -> down GEMM -> weighted unpermute
-             -> + shared_experts(x_TH)                 -> y[...,H]
+    x[...,H] -> x_TH -> Router (fp32)                          -> topk_idx_TK int64, topk_w_TK fp32
+             -> dispatcher.dispatch(x_TH, topk_idx_TK, topk_w_TK) -> x_in, group_sizes_L, src_rows, meta
+             -> experts(x_in, group_sizes_L, src_rows)           -> y_RH   (gate/up GEMM -> SwiGLU -> down GEMM)
+             -> dispatcher.combine(y_RH, meta)                   -> y_TH   (weighted sum of each token's K rows)
+             -> + shared_experts(x_TH)                           -> y[...,H]
 
-The seam is the only place dispatch happens: tritonmoe.parallel swaps ``MoE.dispatcher`` for an
-all-to-all dispatcher and shards ``experts.gate_up_proj``/``down_proj`` on dim 0; GroupedExperts then
-reads its local slice through ``.to_local()``.  Nothing here reads a process group except
-``update_expert_bias``, which takes one as an argument.
+The dispatcher moves rows and never calls the experts; the experts have one signature and one return type.
+Locally (LocalDispatcher) x_in is x_TH itself and src_rows says which token each expert-ordered row reads, so
+the gate/up GEMM gathers its rows and the [R, H] expert-ordered copy is never made. tritonmoe.parallel swaps
+``MoE.dispatcher`` for its all-to-all dispatcher (x_in: the rows received, src_rows: their regroup by local
+expert) and shards ``experts.gate_up_proj``/``down_proj`` over experts; GroupedExperts reads its local slice
+through ``.to_local()``.  Nothing here reads a process group except ``update_expert_bias``, which takes one as
+an argument.
 
 Aux-loss-free balancing (DeepSeek-V3 report, sec. 2.1.2): every Router counts the tokens it sends to each
 expert during training forwards, into a non-persistent int64 buffer; ``update_expert_bias`` (once per
@@ -27,12 +31,15 @@ non-reentrant kind (``apply_activation_checkpointing``, torch's recommended defa
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import grouped_gemm, permute_grouped_gemm, swiglu, unpermute
+from ..kernels import (SourceRows, gather_grouped_gemm_unchecked, grouped_gemm, route, swiglu,
+                       unpermute_unchecked)
 from .config import DeepseekV3Config
 
 
@@ -160,8 +167,12 @@ def sequence_balance_loss(scores_TE: torch.Tensor, topk_idx_TK: torch.Tensor, nu
 
 class GroupedExperts(nn.Module):
     """E SwiGLU experts as two stacked weights (transformers 5 layout): gate_up_proj [E,2I,H] with the gate
-    rows first, down_proj [E,H,I].  forward(x_RH rows sorted by local expert, group_sizes_L) -> y_RH, or
-    forward(x_TH, topk_idx_TK=...) -> (y_RH, row_map_TK) with the permute fused into the first GEMM."""
+    rows first, down_proj [E,H,I].
+
+    forward(x_in, group_sizes_L, src_rows=None) -> y_RH: the experts' rows grouped by local expert, group l
+    holding group_sizes_L[l] rows. Without src_rows, row r is x_in[r]; with it (kernels.SourceRows), row r is
+    x_in[src_rows.index[r]], read by the gate/up GEMM in its operand loads, so no gathered copy is written or
+    kept for the backward. Called through __call__, so FSDP's hooks gather the weights first."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, std: float = 0.02):
         super().__init__()
@@ -175,32 +186,41 @@ class GroupedExperts(nn.Module):
 
         init_module_weights(self, self.std)
 
-    def forward(self, x: torch.Tensor, group_sizes_L: torch.Tensor | None = None, *,
-                topk_idx_TK: torch.Tensor | None = None):
-        """experts(x_RH, group_sizes_L) -> y_RH: rows already sorted by local expert (the EP dispatcher).
-        experts(x_TH, topk_idx_TK=idx) -> (y_RH, row_map_TK): token-order input with every expert local; the
-        permute runs inside the gate/up GEMM (permute_grouped_gemm), so the [R, H] expert-ordered copy of x is
-        never made or kept, and y_RH comes back in permute's order for unpermute.
-        Both go through __call__, so FSDP's hooks gather the weights first."""
+    def forward(self, x_in: torch.Tensor, group_sizes_L: torch.Tensor,
+                src_rows: SourceRows | None = None) -> torch.Tensor:
         w13_L2IH = _local(self.gate_up_proj)
-        if topk_idx_TK is None:
-            h_R2I = grouped_gemm(x, w13_L2IH, group_sizes_L)  # one GEMM for gate and up together
+        if src_rows is None:
+            h_R2I = grouped_gemm(x_in, w13_L2IH, group_sizes_L)  # one GEMM for gate and up together
         else:
-            h_R2I, group_sizes_L, row_map_TK = permute_grouped_gemm(x, topk_idx_TK, w13_L2IH)
+            h_R2I = gather_grouped_gemm_unchecked(x_in, w13_L2IH, group_sizes_L, src_rows)
         # silu(gate) * up, keeping only h_R2I for the backward, then the down projection.
-        y_RH = grouped_gemm(swiglu(h_R2I), _local(self.down_proj), group_sizes_L)
-        return y_RH if topk_idx_TK is None else (y_RH, row_map_TK)
+        return grouped_gemm(swiglu(h_R2I), _local(self.down_proj), group_sizes_L)
+
+
+@dataclass(frozen=True)
+class LocalRouting:
+    """What LocalDispatcher.combine needs to undo its dispatch."""
+    row_map_TK: torch.Tensor  # [T, K] int64: row of y_RH holding token t's j-th choice (route's inverse map)
+    topk_w_TK: torch.Tensor   # [T, K] routing weights of the combine
 
 
 class LocalDispatcher:
-    """Single-rank dispatch: every expert is local.  Stateless; the EP dispatcher replaces it."""
+    """Single-rank dispatch: every expert is local, nothing moves. dispatch does permute's index work only (the
+    rows stay in x_TH; src_rows tells the gate/up GEMM where to read them), combine is the weighted unpermute.
+    Stateless; tritonmoe.parallel replaces it with its all-to-all dispatcher."""
 
-    def __call__(self, x_TH, topk_idx_TK, topk_w_TK, experts: GroupedExperts) -> torch.Tensor:
-        y_RH, row_map_TK = experts(x_TH, topk_idx_TK=topk_idx_TK)
-        return unpermute(y_RH, row_map_TK, topk_w_TK)
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+
+    def dispatch(self, x_TH: torch.Tensor, topk_idx_TK: torch.Tensor, topk_w_TK: torch.Tensor):
+        group_sizes_E, src_rows = route(topk_idx_TK, self.num_experts)
+        return x_TH, group_sizes_E, src_rows, LocalRouting(src_rows.inverse, topk_w_TK)
+
+    def combine(self, y_RH: torch.Tensor, meta: LocalRouting) -> torch.Tensor:
+        return unpermute_unchecked(y_RH, meta.row_map_TK, meta.topk_w_TK)  # route built the map: no re-check
 
     def __repr__(self):
-        return "LocalDispatcher()"
+        return f"LocalDispatcher(num_experts={self.num_experts})"
 
 
 class MoE(nn.Module):
@@ -217,7 +237,7 @@ class MoE(nn.Module):
                                       cfg.initializer_range)
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
-        self.dispatcher = LocalDispatcher()
+        self.dispatcher = LocalDispatcher(cfg.n_routed_experts)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -230,7 +250,9 @@ class MoE(nn.Module):
             raise ValueError(f"MoE: last dim {x.shape[-1]} != hidden_size {self.hidden_size}")
         x_TH = x.reshape(-1, self.hidden_size)
         topk_idx_TK, topk_w_TK = self.gate(x_TH, num_seqs=x.shape[0] if x.dim() == 3 else 1)
-        y_TH = self.dispatcher(x_TH, topk_idx_TK, topk_w_TK, self.experts)
+        x_in, group_sizes_L, src_rows, meta = self.dispatcher.dispatch(x_TH, topk_idx_TK, topk_w_TK)
+        y_RH = self.experts(x_in, group_sizes_L, src_rows)
+        y_TH = self.dispatcher.combine(y_RH, meta)
         if self.shared_experts is not None:
             y_TH = y_TH + self.shared_experts(x_TH)
         return y_TH.view(x.shape)
@@ -266,5 +288,5 @@ def update_expert_bias(model: nn.Module, group=None, rate: float | None = None) 
     return torch.stack(out)
 
 
-__all__ = ["MoE", "Router", "GroupedExperts", "LocalDispatcher", "MLP", "AddAuxiliaryLoss",
+__all__ = ["MoE", "Router", "GroupedExperts", "LocalDispatcher", "LocalRouting", "MLP", "AddAuxiliaryLoss",
            "sequence_balance_loss", "update_expert_bias", "routers"]

@@ -29,13 +29,14 @@ if (_installed := _installed_self()) is not None:
     sys.modules[__name__] = _installed
 else:
     from ._backend import Backend, backend_for, force_twins
-    from .grouped_gemm import (gather_grouped_gemm, gather_grouped_gemm_torch, grouped_gemm, grouped_gemm_torch,
-                               permute_grouped_gemm)
-    from .permute import permute, permute_torch, unpermute, unpermute_torch
+    from .grouped_gemm import (gather_grouped_gemm, gather_grouped_gemm_torch, gather_grouped_gemm_unchecked,
+                               grouped_gemm, grouped_gemm_torch, permute_grouped_gemm)
+    from .permute import SourceRows, permute, permute_torch, route, unpermute, unpermute_torch, unpermute_unchecked
     from .swiglu import swiglu, swiglu_torch
 
 __all__ = [
     "Backend",
+    "SourceRows",
     "backend_for",
     "force_twins",
     "gather_grouped_gemm",
@@ -45,6 +46,7 @@ __all__ = [
     "permute",
     "permute_grouped_gemm",
     "permute_torch",
+    "route",
     "swiglu",
     "swiglu_torch",
     "unpermute",

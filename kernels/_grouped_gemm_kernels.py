@@ -60,11 +60,12 @@ def grouped_mm_kernel(
     pid_m = first_pid_m + (pid % pids_per_band) % band_m
     pid_n = (pid % pids_per_band) // band_m
 
-    # Device-side schedule: which group owns virtual m-tile pid_m, and where its rows start. Negative sizes
-    # (rejected on CPU, asserted asynchronously on CUDA) are clamped so they can never move a pointer.
+    # Device-side schedule: which group owns virtual m-tile pid_m, and where its rows start. Sizes outside
+    # [0, M] (rejected on CPU, asserted asynchronously on CUDA) are clamped into it, so they can never move a
+    # pointer and their sum (at most G * M) cannot wrap around int64.
     offs_g = tl.arange(0, BLOCK_G)
     sizes = tl.load(group_sizes_ptr + offs_g, mask=offs_g < G, other=0).to(tl.int64)
-    sizes = tl.maximum(sizes, 0)
+    sizes = tl.minimum(tl.maximum(sizes, 0), M)
     tiles = (sizes + BLOCK_M - 1) // BLOCK_M
     # tiles_end is non-decreasing, so `before` is exactly offs_g < g; lanes past G hold the total and only
     # join `before` when pid_m is past the last real tile, which makes g >= G and the program exits.
@@ -72,7 +73,7 @@ def grouped_mm_kernel(
     g = tl.sum(before.to(tl.int32), 0)
     if g < G:
         row_start = tl.sum(tl.where(before, sizes, 0), 0)
-        row_end = row_start + tl.maximum(tl.load(group_sizes_ptr + g).to(tl.int64), 0)
+        row_end = row_start + tl.minimum(tl.maximum(tl.load(group_sizes_ptr + g).to(tl.int64), 0), M)
         tile_in_group = pid_m - tl.sum(tl.where(before, tiles, 0), 0)
         # int64 rows: row * stride reaches T*K*H = 9.4e8 at T=16384 for DeepSeek-V3 and passes 2^31 at
         # T >= 37,450; g * stride_bg passes it at G*N*D = 256*4096*7168 = 7.5e9.
@@ -136,12 +137,14 @@ def grouped_mm_wgrad_kernel(
     pid_n = tile // num_pid_d
     pid_d = tile % num_pid_d
 
+    # Sizes clamped into [0, M] as in grouped_mm_kernel (no int64 wrap-around of their sum), and the group's end
+    # clamped to M, so that sizes overrunning M never read past the end of dy or x.
     offs_g = tl.arange(0, BLOCK_G)
     sizes = tl.load(group_sizes_ptr + offs_g, mask=offs_g < G, other=0).to(tl.int64)
-    sizes = tl.maximum(sizes, 0)
+    sizes = tl.minimum(tl.maximum(sizes, 0), M)
     row_start = tl.sum(tl.where(offs_g < g, sizes, 0), 0)
-    # Clamped to M so that sizes overrunning M never read past the end of dy or x.
-    row_end = tl.minimum(row_start + tl.maximum(tl.load(group_sizes_ptr + g).to(tl.int64), 0), M)
+    size_g = tl.minimum(tl.maximum(tl.load(group_sizes_ptr + g).to(tl.int64), 0), M)
+    row_end = tl.minimum(row_start + size_g, M)
 
     # int64 columns too: a transposed dy or x (stride M along N or D, which the autograd path can pass)
     # makes n * stride_dyn reach N * M, past 2^31 at M = 300K rows (DeepSeek-V3 gate/up, T >= 37,450).
@@ -155,7 +158,7 @@ def grouped_mm_wgrad_kernel(
     for r0 in range(row_start, row_end, BLOCK_M):
         # int64 rows: row * stride passes 2^31 for DeepSeek-V3 sizes (see grouped_mm_kernel).
         rows = r0 + offs_r.to(tl.int64)
-        mask_r = rows < row_end
+        mask_r = (rows >= 0) & (rows < row_end)  # both bounds: no row outside [0, M) is ever read
         dy_t = tl.load(dy_ptr + rows[None, :] * stride_dym + offs_n[:, None] * stride_dyn,
                        mask=mask_n[:, None] & mask_r[None, :], other=0.0)  # [BLOCK_N, BLOCK_M]
         if GATHER_X:

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 
 from ._backend import Backend, backend_for, launch_backend
-from .permute import _check_permute_args, _route, _unpermute_op, permute_torch
+from .permute import SourceRows, _check_permute_args, _host_checks, _route, _unpermute_op
 
 try:
     import triton
@@ -245,26 +245,35 @@ def _check_args(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) -> 
 
 
 def _check_sizes(group_sizes: torch.Tensor, M: int) -> None:
-    """Value checks. On CPU they are free and raise ValueError; on CUDA reading the sizes would sync, so
-    they become an asynchronous device assert (the kernels mask rows >= M, so bad sizes never write out of
-    bounds before the assert fires)."""
-    if group_sizes.device.type == "cpu":
-        if group_sizes.numel() and bool((group_sizes < 0).any()):
-            bad = group_sizes[group_sizes < 0].tolist()
-            raise ValueError(f"grouped_gemm: negative group sizes {bad}")
-        total = int(group_sizes.sum())
-        if total != M:
-            raise ValueError(f"grouped_gemm: group_sizes sum to {total}, but x has M={M} rows")
+    """Every size in [0, M] and the sizes summing to M. Bounding each size by M first also keeps the int64 sum
+    from wrapping around to M ([2**62, 2**62, 2**62, 2**62 + 16] sums to 16). Eager CPU: ValueError naming the
+    values. CUDA or compiled: an asynchronous device assert (no host sync, no graph break); the kernels clamp
+    sizes to [0, M] and mask rows >= M, so bad sizes never reach memory out of bounds before it fires."""
+    if group_sizes.numel() == 0:
+        ok = torch.tensor(M == 0, device=group_sizes.device)
     else:
-        torch._assert_async(((group_sizes >= 0).all() & (group_sizes.sum() == M)),
-                            "grouped_gemm: group sizes must be >= 0 and sum to x.shape[0]")
+        ok = (group_sizes >= 0).all() & (group_sizes <= M).all() & (group_sizes.sum() == M)
+    if not _host_checks(group_sizes):
+        torch._assert_async(ok, "grouped_gemm: group sizes must lie in [0, x.shape[0]] and sum to x.shape[0]")
+        return
+    if bool(ok):
+        return
+    if bool((group_sizes < 0).any()):
+        raise ValueError(f"grouped_gemm: negative group sizes {group_sizes[group_sizes < 0].tolist()}")
+    if bool((group_sizes > M).any()):
+        raise ValueError(f"grouped_gemm: group sizes {group_sizes[group_sizes > M].tolist()} exceed the M={M} rows "
+                         "of x")
+    raise ValueError(f"grouped_gemm: group_sizes sum to {int(group_sizes.sum())}, but x has M={M} rows")
 
 
 # ------------------------------------------------------------------------------ torch.library ops + autograd
+# Forward ops carry their own autograd (so a direct call is differentiable), but the public functions call them
+# with w detached and take dW from a separate autograd node (_WeightGradLink): the input gradient and the weight
+# gradient are then two nodes, and a zero-bubble pipeline schedule, which runs an input-gradient pass and a
+# weight-gradient pass over the same graph, runs each GEMM once per pass instead of both GEMMs in both passes.
 
 @torch.library.custom_op("tritonmoe::grouped_mm", mutates_args=())
 def _grouped_mm_op(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
-    _check_sizes(group_sizes, x.shape[0])
     return _grouped_mm_launch(x, w, group_sizes)
 
 
@@ -308,7 +317,6 @@ def _gather_grouped_mm_op(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.T
                           row_map: torch.Tensor) -> torch.Tensor:
     """y [M, N]: y[m] = x[src_rows[m]] @ w[g(m)].T. row_map [S, C] is src_rows' inverse (used by the
     backward): every row m appears in it exactly once, at a position (s, c) with src_rows[m] = s."""
-    _check_sizes(group_sizes, src_rows.shape[0])
     return _grouped_mm_launch(x, w, group_sizes, a_rows=src_rows)
 
 
@@ -337,24 +345,72 @@ def _gather_backward(ctx, dy):
 _gather_grouped_mm_op.register_autograd(_gather_backward, setup_context=_gather_setup_context)
 
 
+class _WeightGradLink(torch.autograd.Function):
+    """The weight gradient of one grouped GEMM as its own autograd node: forward returns a zero-stride [M, N]
+    stand-in for y (no memory), backward receives dY through it and computes dW[g] = dY[rows g].T @ x[rows g]
+    (x read through x_rows when the GEMM gathered its rows)."""
+
+    @staticmethod
+    def forward(ctx, w, x, group_sizes, x_rows, M, N, dtype):
+        ctx.save_for_backward(x, group_sizes, x_rows)
+        return w.new_zeros((), dtype=dtype).expand(M, N)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, group_sizes, x_rows = ctx.saved_tensors
+        return _grouped_mm_wgrad_op(dy, x, group_sizes, x_rows), None, None, None, None, None, None
+
+
+class _JoinWeightGrad(torch.autograd.Function):
+    """y unchanged; in backward dY goes both to the GEMM's input-gradient node and to its _WeightGradLink."""
+
+    @staticmethod
+    def forward(ctx, y, link):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy, dy
+
+
+def _with_weight_grad(y: torch.Tensor, w: torch.Tensor, x: torch.Tensor, group_sizes: torch.Tensor,
+                      x_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """y, with w's gradient wired through a node of its own (see the section comment)."""
+    if not (w.requires_grad and torch.is_grad_enabled()):
+        return y
+    return _JoinWeightGrad.apply(y, _WeightGradLink.apply(w, x, group_sizes, x_rows, y.shape[0], y.shape[1],
+                                                          y.dtype))
+
+
+def _grouped_gemm_kernels(x, w, group_sizes):
+    return _with_weight_grad(_grouped_mm_op(x, w.detach(), group_sizes), w, x, group_sizes)
+
+
+def _gather_grouped_gemm_kernels(x, w, group_sizes, src_rows, row_map):
+    return _with_weight_grad(_gather_grouped_mm_op(x, w.detach(), group_sizes, src_rows, row_map), w, x,
+                             group_sizes, src_rows)
+
+
 # ------------------------------------------------------------------------------------------------- public
 
 def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
     """y[rows of g] = x[rows of g] @ w[g].T.
 
-    x [M, D] rows sorted by group; w [G, N, D]; group_sizes integer [G], >= 0, summing to M (empty groups
-    allowed). Returns y [M, N] in x.dtype with fp32 accumulation; differentiable in x and w. x and w must
-    share a dtype (float32, float16 or bfloat16) and a device. Raises ValueError naming the offending value.
+    x [M, D] rows sorted by group; w [G, N, D]; group_sizes integer [G], each in [0, M], summing to M (empty
+    groups allowed). Returns y [M, N] in x.dtype with fp32 accumulation; differentiable in x and w. x and w
+    must share a dtype (float32, float16 or bfloat16) and a device. Raises ValueError naming the offending
+    value, whichever backend runs.
     """
     _check_args(x, w, group_sizes)
+    _check_sizes(group_sizes, x.shape[0])
     if backend_for(x) is Backend.TWIN:
-        _check_sizes(group_sizes, x.shape[0])
         return grouped_gemm_torch(x, w, group_sizes)
-    return _grouped_mm_op(x, w, group_sizes)
+    return _grouped_gemm_kernels(x, w, group_sizes)
 
 
 def _check_gather(x: torch.Tensor, src_rows: torch.Tensor, row_map: torch.Tensor) -> None:
-    """Shapes, dtypes and devices of a gather's index pair; on CPU also that they are inverse to each other
+    """Shapes, dtypes and devices of a gather's index pair; on eager CPU also that they are inverse to each other
     (on CUDA that read would sync: the kernel masks nothing by them, so callers must pass permute's)."""
     for name, t in (("src_rows", src_rows), ("row_map", row_map)):
         if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64):
@@ -366,7 +422,7 @@ def _check_gather(x: torch.Tensor, src_rows: torch.Tensor, row_map: torch.Tensor
     if row_map.dim() != 2 or row_map.shape[0] != x.shape[0] or row_map.numel() != src_rows.numel():
         raise ValueError(f"gather_grouped_gemm: row_map must be [S, C] with S = x.shape[0] = {x.shape[0]} and "
                          f"S * C = len(src_rows) = {src_rows.numel()}, got shape {tuple(row_map.shape)}")
-    if x.device.type == "cpu" and not torch.compiler.is_compiling() and src_rows.numel():
+    if _host_checks(x) and src_rows.numel():
         flat, M = row_map.reshape(-1).long(), src_rows.numel()
         owner = torch.arange(x.shape[0]).repeat_interleave(row_map.shape[1])
         # In range, each row once, and each row's source is the token that maps to it (in this order: the
@@ -385,13 +441,22 @@ def gather_grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Ten
     x [S, D]; src_rows int [M] (row m of the GEMM input is x[src_rows[m]], rows grouped as group_sizes says);
     row_map int [S, C], src_rows' inverse: each m appears once, at (s, c) with src_rows[m] = s (permute's
     row_map is exactly this for src_rows = the token of each sorted row; a bijection is C = 1).
-    Returns y [M, N]; differentiable in x (dX summed through row_map, no atomics) and w.
+    Returns y [M, N]; differentiable in x (dX summed through row_map, no atomics) and w. The same checks run on
+    every backend.
     """
     _check_args(x, w, group_sizes)
     _check_gather(x, src_rows, row_map)
+    _check_sizes(group_sizes, src_rows.shape[0])
+    return gather_grouped_gemm_unchecked(x, w, group_sizes, SourceRows(src_rows.long(), row_map))
+
+
+def gather_grouped_gemm_unchecked(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor,
+                                  src: SourceRows) -> torch.Tensor:
+    """gather_grouped_gemm for callers whose index pair is right by construction (``route``, the expert-parallel
+    dispatcher): no value checks (the inverse-map check alone is a bincount over every row on CPU)."""
     if backend_for(x) is Backend.TWIN:
-        return gather_grouped_gemm_torch(x, w, group_sizes, src_rows, row_map)
-    return _gather_grouped_mm_op(x, w, group_sizes, src_rows.long(), row_map)
+        return gather_grouped_gemm_torch(x, w, group_sizes, src.index, src.inverse)
+    return _gather_grouped_gemm_kernels(x, w, group_sizes, src.index, src.inverse)
 
 
 def gather_grouped_gemm_torch(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor, src_rows: torch.Tensor,
@@ -416,12 +481,10 @@ def permute_grouped_gemm(x: torch.Tensor, topk_idx: torch.Tensor, w: torch.Tenso
         raise ValueError(f"permute_grouped_gemm: w must be a [E, N, H] tensor, got "
                          f"{tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}")
     E = _check_permute_args(x, topk_idx, w.shape[0])
-    if backend_for(x) is Backend.TWIN:
-        x_sorted, group_sizes, row_map = permute_torch(x, topk_idx, E)
-        return grouped_gemm(x_sorted, w, group_sizes), group_sizes, row_map
     group_sizes, row_map, src_rows = _route(topk_idx, E)
+    src = SourceRows(src_rows, row_map)
     _check_args(x, w, group_sizes)
-    return _gather_grouped_mm_op(x, w, group_sizes, src_rows, row_map), group_sizes, row_map
+    return gather_grouped_gemm_unchecked(x, w, group_sizes, src), group_sizes, src.inverse
 
 
 def grouped_gemm_torch(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:

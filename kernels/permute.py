@@ -25,6 +25,7 @@ TRITONMOE_PERMUTE_BLOCK_H (a power of two) pins the H tile of every kernel, for 
 
 import operator
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -305,6 +306,26 @@ def _route(topk_idx_TK: torch.Tensor, num_experts: int):
     return group_sizes, row_map.view(T, K), order.div(K, rounding_mode="floor")
 
 
+@dataclass(frozen=True)
+class SourceRows:
+    """Where each row of a grouped GEMM's input comes from, when the GEMM gathers its rows in its operand loads
+    instead of reading a copy (kernels.gather_grouped_gemm_unchecked)."""
+    index: torch.Tensor    # [R] int64: row r of the GEMM's input is x[index[r]]
+    inverse: torch.Tensor  # [S, C] int64: each r once, at (s, c) with index[r] = s; dX[s] = sum_c dA[inverse[s, c]]
+
+
+def route(topk_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, SourceRows]:
+    """permute's index work without the row copy: (group_sizes int64 [num_experts], SourceRows) for the first
+    expert GEMM to gather token rows itself. index is the token of each expert-ordered row (permute's order);
+    inverse is permute's row_map [T, K], which the combine (unpermute) reads. topk_idx is checked as permute
+    checks it; device work only, no host sync on CUDA."""
+    _check_index("topk_idx", topk_idx)
+    num_experts = _check_num_experts(num_experts)
+    _check_range("topk_idx", topk_idx, num_experts)
+    group_sizes, row_map, src_rows = _route(topk_idx, num_experts)
+    return group_sizes, SourceRows(src_rows, row_map)
+
+
 def permute(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int):
     """Group token rows by expert.
 
@@ -319,16 +340,21 @@ def permute(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int):
     return _permute_rows_op(x, row_map), group_sizes, row_map
 
 
-def _check_permute_args(x: torch.Tensor, topk_idx: torch.Tensor, num_experts) -> int:
-    """permute's input checks (also permute_grouped_gemm's); returns num_experts as an int."""
-    _check_rows("x", x)
-    _check_index("topk_idx", topk_idx)
+def _check_num_experts(num_experts) -> int:
     try:
         num_experts = operator.index(num_experts)
     except TypeError:
         raise ValueError(f"num_experts must be an int, got {num_experts!r}") from None
     if num_experts < 1:
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+    return num_experts
+
+
+def _check_permute_args(x: torch.Tensor, topk_idx: torch.Tensor, num_experts) -> int:
+    """permute's input checks (also permute_grouped_gemm's); returns num_experts as an int."""
+    _check_rows("x", x)
+    _check_index("topk_idx", topk_idx)
+    num_experts = _check_num_experts(num_experts)
     if topk_idx.shape[0] != x.shape[0]:
         raise ValueError(f"topk_idx has {topk_idx.shape[0]} rows but x has {x.shape[0]} tokens")
     if topk_idx.device != x.device:
@@ -358,18 +384,26 @@ def unpermute(y_sorted: torch.Tensor, row_map: torch.Tensor, topk_weights: torch
         if topk_weights.device != y_sorted.device:
             raise ValueError(f"y_sorted is on {y_sorted.device} but topk_weights is on {topk_weights.device}")
     _check_range("row_map", row_map, y_sorted.shape[0])
-    if backend_for(y_sorted) is Backend.TWIN:
-        return unpermute_torch(y_sorted, row_map, topk_weights)
-    if y_sorted.requires_grad and row_map.numel() > 0 and y_sorted.shape[0] > 0:
-        # The d y_sorted scatter writes each mapped row once; a repeated row would race (the twin adds).
+    if row_map.numel() > 0:
+        # Distinct rows, on every backend: the kernel's d y_sorted scatter writes each mapped row once, so a
+        # repeated row would race there (the twin would add). Clamped so an out-of-range entry reports through
+        # the range check above, not a scatter assert.
         counts = torch.zeros(y_sorted.shape[0], dtype=torch.int32, device=row_map.device)
-        # Clamped so an out-of-range entry reports through the range check above, not a scatter assert.
         rows = row_map.reshape(-1).long().clamp(0, y_sorted.shape[0] - 1)
         counts.scatter_add_(0, rows, counts.new_ones(row_map.numel()))
         if not _host_checks(row_map):
             torch._assert_async((counts <= 1).all(), "row_map repeats a row of y_sorted")
         elif (counts > 1).any():
             raise ValueError(f"row_map repeats row {int(counts.argmax())} of y_sorted; rows must be distinct")
+    return unpermute_unchecked(y_sorted, row_map, topk_weights)
+
+
+def unpermute_unchecked(y_sorted: torch.Tensor, row_map: torch.Tensor,
+                        topk_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """unpermute for callers whose row_map is right by construction (``route``'s inverse, the expert-parallel
+    dispatcher's): no value checks, only the backend choice."""
+    if backend_for(y_sorted) is Backend.TWIN:
+        return unpermute_torch(y_sorted, row_map, topk_weights)
     return _unpermute_op(y_sorted, row_map, topk_weights)
 
 

@@ -12,6 +12,8 @@ I = 2048, bf16) that is 0.5 GiB less activation memory per MoE layer.
 Backends as for the other ops (``_backend.py``); the twin ``swiglu_torch`` is the eager formula in fp32.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -135,7 +137,7 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     if backend_for(gate_up) is Backend.TWIN:
         return swiglu_torch(gate_up)
     lead, two_i = gate_up.shape[:-1], gate_up.shape[-1]
-    flat = gate_up.reshape(-1, two_i)
+    flat = gate_up.reshape(math.prod(lead), two_i)  # not -1: with two_i == 0 the row count would be ambiguous
     if flat.stride(1) != 1 and two_i > 1:
         flat = flat.contiguous()
     return _swiglu_op(flat).view(*lead, two_i // 2)

@@ -103,22 +103,27 @@ def test_bias_steers_selection_only():
     assert_close(w, scores.gather(1, idx), 1e-6, what="weights are unbiased scores")
 
 
-class RecordingDispatcher(LocalDispatcher):
-    """Stands in for the EP dispatcher: the MoE must route all of its expert work through the seam."""
+class RecordingDispatcher:
+    """Stands in for the EP dispatcher: the MoE must route all of its expert work through the seam, and the
+    experts get rows the dispatcher moved itself (no src_rows). Written independently of permute/unpermute."""
 
-    def __init__(self):
-        self.calls = []
+    def __init__(self, num_experts):
+        self.num_experts, self.calls = num_experts, []
 
-    def __call__(self, x_TH, topk_idx_TK, topk_w_TK, experts):
-        self.calls.append((x_TH.shape, topk_idx_TK.shape, topk_w_TK.dtype))
-        # Per-expert loop, written independently of permute/grouped_gemm/unpermute.
-        y = torch.zeros_like(x_TH)
-        I = experts.intermediate_size
-        for e in range(experts.num_experts):
-            tok, slot = (topk_idx_TK == e).nonzero(as_tuple=True)
-            h = x_TH[tok] @ experts.gate_up_proj[e].t()
-            out = (torch.nn.functional.silu(h[:, :I]) * h[:, I:]) @ experts.down_proj[e].t()
-            y = y.index_add(0, tok, out * topk_w_TK[tok, slot, None])
+    def dispatch(self, x_TH, topk_idx_TK, topk_w_TK):
+        self.calls.append(("dispatch", x_TH.shape, topk_idx_TK.shape, topk_w_TK.dtype))
+        per_expert = [(topk_idx_TK == e).nonzero(as_tuple=True) for e in range(self.num_experts)]
+        x_in = torch.cat([x_TH[tok] for tok, _ in per_expert])
+        sizes = torch.tensor([len(tok) for tok, _ in per_expert])
+        return x_in, sizes, None, (per_expert, topk_w_TK, x_TH.shape)
+
+    def combine(self, y_RH, meta):
+        per_expert, topk_w_TK, shape = meta
+        self.calls.append(("combine", y_RH.shape))
+        y, start = torch.zeros(shape), 0
+        for tok, slot in per_expert:
+            y = y.index_add(0, tok, y_RH[start:start + len(tok)] * topk_w_TK[tok, slot, None])
+            start += len(tok)
         return y
 
 
@@ -128,9 +133,9 @@ def test_dispatch_seam(twins):
     assert isinstance(moe.dispatcher, LocalDispatcher) and moe.num_experts == 8
     x = torch.randn(3, 4, 32)
     y_local = moe(x)
-    moe.dispatcher = rec = RecordingDispatcher()
+    moe.dispatcher = rec = RecordingDispatcher(8)
     y_seam = moe(x)
-    assert rec.calls == [((12, 32), (12, 2), torch.float32)]
+    assert rec.calls == [("dispatch", (12, 32), (12, 2), torch.float32), ("combine", (24, 32))]
     assert_close(y_seam, y_local, 1e-5, what="seam")
 
 
