@@ -589,11 +589,11 @@ def from_pretrained(cls, hf_dir: str | os.PathLike, dtype: torch.dtype | None = 
     for mapped, t in shared:
         _check_shared_copy(mapped, t, state[mapped.key], ignore_mtp_copies)
     if skip_missing:  # missing_mtp="init": only the MTP modules are initialized, then cast to the requested dtype
-        from .model import init_module_weights
+        from .init import init_weights_
 
         for mtp in model.model.mtp:
             mtp.to_empty(device=device)
-            init_module_weights(mtp, cfg.initializer_range)
+            init_weights_(mtp, cfg.initializer_range)
         state.update({k: v if k in buffers or dtype is None or not v.is_floating_point() else v.to(dtype)
                       for k, v in model.state_dict().items() if skip_missing(k)})
     model.load_state_dict(state, strict=True, assign=True)

@@ -16,10 +16,8 @@ built model.
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +25,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import DeepseekV3Config
-from .moe import MLP, GroupedExperts, MoE, Router, routers
+from .init import InitRule, build_then_init, default_rule, init_weights_, rule_for
+from .moe import MLP, MoE, routers
 
 
 @dataclass
@@ -44,10 +43,10 @@ class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.empty(dim))
 
-    def reset_parameters(self) -> None:
-        init_module_weights(self, 0.0)
+    def init_rule(self, name: str) -> InitRule:
+        return InitRule("ones")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Statistics in fp32, scale in the input dtype: transformers' order, which bf16 parity depends on.
@@ -241,25 +240,26 @@ class DeepseekV3ForCausalLM(nn.Module):
         if not isinstance(cfg, DeepseekV3Config):
             raise ValueError(f"DeepseekV3ForCausalLM expects a DeepseekV3Config, got {type(cfg).__name__}")
         self.config = cfg
-        self.model = DeepseekV3Model(cfg)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.init_weights()
+        with build_then_init(self, cfg.initializer_range):  # every value drawn once, none on the meta device
+            self.model = DeepseekV3Model(cfg)
+            self.lm_head = (None if cfg.tie_word_embeddings else
+                            nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False))
 
     # --------------------------------------------------------------------------------------------- init
     def init_rule(self, name: str) -> InitRule:
-        """How parameter or buffer `name` (as named_parameters / named_buffers / state_dict call it) starts:
-        the rule behind ``init_weights`` and behind the sharded init of a parallelized meta-built model
-        (tritonmoe.parallel.init_sharded_)."""
+        """How parameter or buffer `name` of the whole model (a dotted name, as named_parameters /
+        named_buffers / state_dict call it) starts: its owner's rule (dsv3/init.py). The sharded init of a
+        parallelized meta-built model asks this by name (tritonmoe.parallel.init_sharded_)."""
         owner, _, leaf = name.rpartition(".")
-        return init_rule(self.get_submodule(owner), leaf, self.config.initializer_range)
+        if not owner:  # the root holds no tensor of its own; never recurse into this method
+            return default_rule(self, leaf, self.config.initializer_range)
+        return rule_for(self.get_submodule(owner), leaf, self.config.initializer_range)
 
     def init_weights(self) -> None:
-        """transformers' init: Linear/Embedding/router/expert weights ~ N(0, initializer_range), norms 1,
-        balancing bias and counters 0 (``init_rule``), drawn from the global RNG. Use after ``to_empty`` when
-        the model was built on the meta device (a sharded model: tritonmoe.parallel.init_sharded_)."""
-        init_module_weights(self, self.config.initializer_range)
-
-    reset_parameters = init_weights
+        """Fill every tensor by its owner's rule from the global RNG (transformers' init: Linear, Embedding,
+        router and expert weights N(0, initializer_range), norms 1, balancing bias and counters 0). Use after
+        ``to_empty`` when the model was built on the meta device (a sharded model: tritonmoe.parallel.init_sharded_)."""
+        init_weights_(self, self.config.initializer_range)
 
     # ------------------------------------------------------------------------------------------ forward
     def head(self, h_normed: torch.Tensor) -> torch.Tensor:
@@ -315,42 +315,6 @@ class DeepseekV3ForCausalLM(nn.Module):
         save_pretrained(self, out_dir)
 
 
-@dataclass(frozen=True)
-class InitRule:
-    """How one parameter or buffer starts."""
-    kind: Literal["normal", "ones", "zeros"]  # N(0, std) / norm gains / biases, balancing bias, token counters
-    std: float = 0.0                          # for "normal"
-
-    def fill_(self, t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        with torch.no_grad():
-            if self.kind == "normal":
-                return t.normal_(0.0, self.std, generator=generator)
-            return t.fill_(1 if self.kind == "ones" else 0)
-
-
-def init_rule(module: nn.Module, name: str, std: float) -> InitRule:
-    """The model's one init rule (transformers' DeepSeek-V3 init) for `module`'s own parameter or buffer
-    `name`: norms 1; router, expert, Linear and Embedding weights N(0, std) (router and experts: their own
-    ``.std``); Linear biases, the balancing bias and the token counters 0."""
-    if isinstance(module, RMSNorm):
-        return InitRule("ones")
-    if isinstance(module, GroupedExperts):
-        return InitRule("normal", module.std)
-    if isinstance(module, Router):
-        return InitRule("normal", module.std) if name == "weight" else InitRule("zeros")
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        return InitRule("normal", std) if name == "weight" else InitRule("zeros")
-    raise ValueError(f"no init rule for {name!r} of {type(module).__name__}")
-
-
-def init_module_weights(root: nn.Module, std: float) -> None:
-    """``init_rule`` applied to every parameter and buffer of `root` (the whole model, one MTP module, one MoE
-    layer), in module order, from the global RNG."""
-    for m in root.modules():
-        for name, t in itertools.chain(m.named_parameters(recurse=False), m.named_buffers(recurse=False)):
-            init_rule(m, name, std).fill_(t)
-
-
 def _shifted_ce(logits_BLV: torch.Tensor, labels_BS: torch.Tensor, shift: int) -> torch.Tensor:
     """Cross-entropy of logits position i against labels[i+shift]; logits positions without a target drop."""
     L = labels_BS.shape[1] - shift
@@ -368,5 +332,4 @@ def apply_activation_checkpointing(model: nn.Module, enabled: bool = True) -> nn
 
 
 __all__ = ["DeepseekV3ForCausalLM", "DeepseekV3Model", "DecoderLayer", "MLA", "MTPModule", "RMSNorm",
-           "CausalLMOutput", "InitRule", "apply_activation_checkpointing", "init_module_weights", "init_rule",
-           "rope_inv_freq", "softmax_scale", "apply_rope"]
+           "CausalLMOutput", "apply_activation_checkpointing", "rope_inv_freq", "softmax_scale", "apply_rope"]

@@ -41,6 +41,7 @@ from torch import nn
 from ..kernels import (SourceRows, gather_grouped_gemm_unchecked, grouped_gemm, route, swiglu,
                        unpermute_unchecked)
 from .config import DeepseekV3Config
+from .init import InitRule, build_then_init, init_weights_
 
 
 def _in_backward() -> bool:
@@ -101,12 +102,10 @@ class Router(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
         self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.int64), persistent=False)
         self.last_aux_loss: torch.Tensor | None = None  # detached value of the last sequence-wise loss
-        self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        from .model import init_module_weights  # the model's one init rule (model.py imports this module)
-
-        init_module_weights(self, self.std)
+    def init_rule(self, name: str) -> InitRule:
+        """weight N(0, initializer_range); the balancing bias and the token counters 0."""
+        return InitRule("normal", self.std) if name == "weight" else InitRule("zeros")
 
     def _apply(self, fn, recurse=True):
         # model.to(bf16) must not round the bias: its updates (1e-3) are below bf16 resolution near 1.
@@ -179,12 +178,9 @@ class GroupedExperts(nn.Module):
         self.num_experts, self.intermediate_size, self.std = num_experts, intermediate_size, std
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
-        self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        from .model import init_module_weights  # the model's one init rule (model.py imports this module)
-
-        init_module_weights(self, self.std)
+    def init_rule(self, name: str) -> InitRule:
+        return InitRule("normal", self.std)
 
     def forward(self, x_in: torch.Tensor, group_sizes_L: torch.Tensor,
                 src_rows: SourceRows | None = None) -> torch.Tensor:
@@ -232,18 +228,18 @@ class MoE(nn.Module):
             raise ValueError(f"MoE: n_routed_experts must be >= 1, got {cfg.n_routed_experts}")
         self.num_experts, self.hidden_size = cfg.n_routed_experts, cfg.hidden_size
         self.std = cfg.initializer_range
-        self.gate = Router(cfg)
-        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size,
-                                      cfg.initializer_range)
-        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
-                               if cfg.n_shared_experts else None)
+        # Built standalone (the drop-in layer), the layer initializes itself once; inside a model the model does.
+        with build_then_init(self, cfg.initializer_range):
+            self.gate = Router(cfg)
+            self.experts = GroupedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size,
+                                          cfg.initializer_range)
+            self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                                   if cfg.n_shared_experts else None)
         self.dispatcher = LocalDispatcher(cfg.n_routed_experts)
-        self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        from .model import init_module_weights  # the model's one init rule (model.py imports this module)
-
-        init_module_weights(self, self.std)
+    def init_weights(self) -> None:
+        """Fill every tensor of the layer by its owner's rule from the global RNG (after to_empty)."""
+        init_weights_(self, self.std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.hidden_size:

@@ -8,6 +8,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
 from helpers import assert_close, use_twins
 from tritonmoe.dsv3 import DeepseekV3Config, MoE
+from tritonmoe.dsv3.init import init_weights_
 from tritonmoe.dsv3.moe import LocalDispatcher, Router, sequence_balance_loss
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
@@ -93,7 +94,7 @@ def test_router_group_limited_on_hand_built_scores():
 def test_bias_steers_selection_only():
     cfg = make_cfg(n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1, norm_topk_prob=False,
                    routed_scaling_factor=1.0)
-    r = Router(cfg)
+    r = init_weights_(Router(cfg), cfg.initializer_range)  # building blocks only allocate
     x = torch.randn(20, 32)
     with torch.no_grad():
         r.e_score_correction_bias[5] = 10.0  # forces expert 5 into every token's top-2
