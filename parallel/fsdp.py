@@ -3,7 +3,8 @@ correct when parameters live on different meshes.
 
 In: a built model (after `apply_expert_parallel` when ep > 1) and the meshes from `build_meshes`.
 Units, innermost first: each MoE layer's routed experts over the expert mesh's "edp" dimension (their
-DTensor "ep" sharding stays as it is, so they end up 2-D sharded), then each decoder block (MTP blocks
+DTensor "ep" sharding stays as it is, so they end up 2-D sharded; over experts when the local experts split
+evenly over edp, else over dim 1 so that no rank holds padding, see expert_shard_placement), then each decoder block (MTP blocks
 included) over the dense mesh, then the root (embeddings, final norm, head, MTP projections) over the dense
 mesh. This is the composition that FSDP1 could not express without patching PyTorch (pytorch/pytorch#149396):
 separate meshes, unpatched `fully_shard`. Under a low-precision param_dtype each MoE layer's router
@@ -29,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from .expert_parallel import find_moe_layers
 
@@ -53,6 +54,24 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
+def local_expert_count(experts: nn.Module) -> int:
+    """Experts this rank's EP shard holds (L = E / ep; E without expert parallelism)."""
+    w = experts.gate_up_proj
+    return (w.to_local() if isinstance(w, DTensor) else w).shape[0]
+
+
+def expert_shard_placement(experts: nn.Module, edp: int):
+    """FSDP's placement for the routed experts over an edp group of `edp` ranks: None (FSDP's default, Shard(0)
+    over experts) when the L local experts split evenly over edp, else a placement function giving Shard(1).
+    Shard(0) with L % edp != 0 makes FSDP2 pad dim 0 so that a rank holds whole experts: at 512 GPUs with EP 64
+    (L = 4) and edp 8, each rank would hold 1 padded expert where 4/8 is its share, doubling expert memory and
+    all-gather traffic. Shard(1) (the intermediate dim of gate_up_proj [L, 2I, H], the hidden dim of down_proj
+    [L, H, I]) gives each rank exactly 1/edp of every local expert instead (torchtitan does the same)."""
+    if local_expert_count(experts) % edp == 0:
+        return None
+    return lambda param: Shard(1)
+
+
 def apply_fsdp(model: nn.Module, dense_mesh: DeviceMesh, expert_mesh: DeviceMesh | None = None, *,
                param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype = torch.float32,
                reshard_after_forward: bool = True, blocks: list[nn.Module] | None = None) -> nn.Module:
@@ -73,7 +92,8 @@ def apply_fsdp(model: nn.Module, dense_mesh: DeviceMesh, expert_mesh: DeviceMesh
         if low_precision and isinstance(gate, nn.Module) and any(True for _ in gate.parameters()):
             fully_shard(gate, mesh=dense_mesh, mp_policy=keep, reshard_after_forward=reshard_after_forward)
         if edp_mesh is not None:
-            fully_shard(moe.experts, mesh=edp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+            fully_shard(moe.experts, mesh=edp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward,
+                        shard_placement_fn=expert_shard_placement(moe.experts, edp_mesh.size()))
             moe.experts.set_gradient_divide_factor(float(world))
             if edp_mesh.size() > 1 and dist.get_backend(edp_mesh.get_group()) != "nccl":
                 # A custom factor uses NCCL's PREMUL_SUM; gloo has none: sum, then scale separately. Not

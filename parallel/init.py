@@ -11,7 +11,8 @@ Values depend only on (seed, name, global position), never on the layout, and ea
 its shards cover (plus at most a block at each end of a contiguous run of rows):
 - a routed-expert weight [E, ...] is drawn per expert e from a generator seeded by (seed, name, e), for the
   experts this rank's shard covers only: no rank ever builds a full expert stack (at 671B one layer's
-  stack is 256 x 44M parameters);
+  stack is 256 x 44M parameters); experts FSDP-sharded on dim 1 (fewer local experts than edp ranks) are
+  drawn whole, one at a time, and each rank keeps its columns;
 - every other parameter (dense: attention, embeddings, norms, router, shared experts) and every buffer is
   cut into blocks of `rows_per_block(shape)` dim-0 rows (about BLOCK_ELEMENTS elements; the block size is a
   function of the global shape only), block b drawn from a generator seeded by (seed, name, b); a rank draws
@@ -29,7 +30,7 @@ import math
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from .expert_parallel import find_moe_layers
 
@@ -88,21 +89,27 @@ def _fill_dense_(local: torch.Tensor, shape: torch.Size, rows: list[int], fill, 
             local[offset + lo - first:offset + hi - first].copy_(drawn[lo - b * per:hi - b * per])
 
 
-def local_rows(p: torch.Tensor) -> list[int]:
-    """The global dim-0 indices of the rows this rank holds of `p`, in local order.
+def local_indices(p: torch.Tensor, dim: int = 0) -> list[int]:
+    """The global indices along `dim` of the slices this rank holds of `p`, in local order.
 
-    For a DTensor sharded on dim 0 only (EP's Shard(0) over "ep", FSDP2's Shard(0) / _StridedShard(0) over
-    "edp" or the dense mesh, uneven or empty shards included): the local part of an index vector distributed
-    with the same placements, each rank keeping its own chunk (src_data_rank=None: no communication). A plain
-    tensor holds every row.
+    For a DTensor with Shard placements on any dims (EP's Shard(0) over "ep", FSDP2's Shard(0) / _StridedShard(0)
+    over "edp" or the dense mesh, FSDP2's Shard(1) over "edp" for experts that do not split evenly; uneven or
+    empty shards included): the local part of an index vector laid along `dim` and distributed with the
+    placements that shard `dim` (the others replicate it), each rank keeping its own chunk (src_data_rank=None:
+    no communication). A plain tensor holds every index.
     """
     if not isinstance(p, DTensor):
-        return list(range(p.shape[0]))
-    for placement in p.placements:
-        if isinstance(placement, Shard) and placement.dim != 0:
-            raise ValueError(f"local_rows: only dim-0 sharding is supported, got placements {p.placements}")
-    index = torch.arange(p.shape[0], device=p.device_mesh.device_type)
-    return distribute_tensor(index, p.device_mesh, p.placements, src_data_rank=None).to_local().tolist()
+        return list(range(p.shape[dim]))
+    placements = [pl if isinstance(pl, Shard) and pl.dim == dim else Replicate() for pl in p.placements]
+    index = torch.arange(p.shape[dim], device=p.device_mesh.device_type).view(*([1] * dim), -1)
+    return distribute_tensor(index, p.device_mesh, placements, src_data_rank=None).to_local().reshape(-1).tolist()
+
+
+def local_rows(p: torch.Tensor) -> list[int]:
+    """local_indices along dim 0, for a tensor sharded on dim 0 only (every dense parameter and buffer)."""
+    if isinstance(p, DTensor) and any(isinstance(pl, Shard) and pl.dim != 0 for pl in p.placements):
+        raise ValueError(f"local_rows: only dim-0 sharding is supported, got placements {p.placements}")
+    return local_indices(p, 0)
 
 
 @torch.no_grad()
@@ -119,9 +126,13 @@ def init_sharded_(model: nn.Module, seed: int, rule=None) -> nn.Module:
             raise ValueError(f"init_sharded_: {name} is on the meta device; call model.to_empty(device=...) first")
         fill = rule(name)
         if id(p) in experts:
-            for i, e in enumerate(local_rows(p)):
-                row = torch.empty(p.shape[1:], dtype=local.dtype, device=local.device)
-                local[i].copy_(fill.fill_(row, generator=_generator(local.device, seed, name, e)))
+            # Whole experts drawn one at a time; a rank sharding them on dim 1 keeps its columns of each.
+            cols = local_indices(p, 1)
+            keep = None if len(cols) == p.shape[1] else torch.tensor(cols, device=local.device)
+            for i, e in enumerate(local_indices(p, 0)):
+                row = fill.fill_(torch.empty(p.shape[1:], dtype=local.dtype, device=local.device),
+                                 generator=_generator(local.device, seed, name, e))
+                local[i].copy_(row if keep is None else row.index_select(0, keep))
             continue
         _fill_dense_(local, p.shape, local_rows(p) if p.ndim else [], fill, seed, name)
     return model

@@ -391,3 +391,45 @@ def test_data_sources_and_batch_layout(tmp_path):
         load_corpus(tmp_path / "absent")
     with pytest.raises(ValueError, match="uint16 or uint32"):
         load_corpus(tmp_path / "tokens.u16", "int8")
+
+
+def _expert_shares(argv: list[str]) -> dict:
+    """main(argv): its losses, and this rank's bytes of the routed-expert parameters, their global bytes and their
+    placements."""
+    from torch.distributed.tensor import DTensor
+
+    from tritonmoe.dsv3.train import main
+    from tritonmoe.parallel import find_moe_layers
+
+    held = {}
+
+    def on_step(step, model, record):
+        if step == 1:
+            for _, moe in find_moe_layers(model):
+                for name, p in moe.experts.named_parameters():
+                    local = p.to_local() if isinstance(p, DTensor) else p
+                    held[name] = held.get(name, 0) + local.numel() * local.element_size()
+                    held[name + ".total"] = held.get(name + ".total", 0) + p.numel() * p.element_size()
+                    held[name + ".placements"] = str(getattr(p, "placements", None))
+
+    return {"losses": main(argv, on_step=on_step)["losses"], "held": held}
+
+
+def test_experts_fewer_than_edp_shard_on_dim_1(tmp_path):
+    # 2 experts over 4 ranks with ep 1: edp 4 > L = 2. FSDP2's default Shard(0) would pad dim 0 so each rank
+    # held one whole expert (2x its share); Shard(1) gives each rank exactly a quarter of every expert stack,
+    # and the losses equal world 1's (the init depends on (seed, name, expert) only).
+    from tritonmoe.dsv3.config import DeepseekV3Config
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(DeepseekV3Config.from_hf("tiny", n_routed_experts=2, n_group=1, topk_group=1,
+                                                          num_experts_per_tok=1).to_hf()))
+    argv = COMMON + ["--preset", str(config), "--steps", "4", "--out"]
+    (ref,) = run_distributed(_train, 1, argv + [str(tmp_path / "w1")])
+    per_rank = run_distributed(_expert_shares, 4, argv + [str(tmp_path / "w4")])
+    for r in per_rank:
+        for name in ("gate_up_proj", "down_proj"):
+            assert r["held"][name] * 4 == r["held"][name + ".total"], (name, r["held"])
+            assert "Shard(dim=1)" in r["held"][name + ".placements"], r["held"]
+    worst = max(_rel(per_rank[0]["losses"][s], ref["losses"][s]) for s in range(1, 5))
+    assert worst <= REL, worst
