@@ -6,6 +6,7 @@ converted checkpoint with the loss the single-process model gives on the same ba
 """
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -132,7 +133,8 @@ def _dense_draws(overrides: dict, ep: int, block: int) -> dict:
     def held(params):
         return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for _, p in params)
 
-    experts = held([(n, p) for n, p in normal if ".experts." in n])  # drawn per held expert, exactly
+    # Experts are drawn whole, once per expert a rank holds rows of (all of it, or its columns under dim-1 FSDP).
+    experts = sum(len(init.local_indices(p, 0)) * math.prod(p.shape[1:]) for n, p in normal if ".experts." in n)
     weights = {n: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
                for n, t in list(model.named_parameters()) + list(model.named_buffers())}
     return {"drawn": draws.n - experts, "local": held(dense), "dense_tensors": len(dense),
