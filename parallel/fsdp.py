@@ -24,6 +24,7 @@ block's parameters are unsharded for backward.
 
 import functools
 import math
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -66,8 +67,17 @@ def expert_shard_placement(experts: nn.Module, edp: int):
     Shard(0) with L % edp != 0 makes FSDP2 pad dim 0 so that a rank holds whole experts: at 512 GPUs with EP 64
     (L = 4) and edp 8, each rank would hold 1 padded expert where 4/8 is its share, doubling expert memory and
     all-gather traffic. Shard(1) (the intermediate dim of gate_up_proj [L, 2I, H], the hidden dim of down_proj
-    [L, H, I]) gives each rank exactly 1/edp of every local expert instead (torchtitan does the same)."""
+    [L, H, I]) gives each rank exactly 1/edp of every local expert instead (torchtitan does the same). FSDP2 shards
+    dims other than 0 only evenly, so Shard(1) needs edp to divide 2I and H (DeepSeek-V3: any edp dividing 1024);
+    otherwise the padded Shard(0) stays, with a warning, rather than a failure inside fully_shard."""
     if local_expert_count(experts) % edp == 0:
+        return None
+    uneven = [f"{name} dim 1 = {p.shape[1]}" for name, p in experts.named_parameters(recurse=False)
+              if p.shape[1] % edp]
+    if uneven:
+        warnings.warn(f"expert FSDP over edp={edp}: {local_expert_count(experts)} local experts do not split evenly "
+                      f"and {', '.join(uneven)} is not divisible by {edp} either; sharding over experts with FSDP's "
+                      "padding (more expert memory than an even split)")
         return None
     return lambda param: Shard(1)
 

@@ -100,14 +100,15 @@ def local_indices(p: torch.Tensor, dim: int = 0) -> list[int]:
     """
     if not isinstance(p, DTensor):
         return list(range(p.shape[dim]))
-    placements = [pl if isinstance(pl, Shard) and pl.dim == dim else Replicate() for pl in p.placements]
+    # Shard and FSDP2's _StridedShard (not a Shard subclass in torch 2.13) both carry the dim they split.
+    placements = [pl if getattr(pl, "dim", None) == dim else Replicate() for pl in p.placements]
     index = torch.arange(p.shape[dim], device=p.device_mesh.device_type).view(*([1] * dim), -1)
     return distribute_tensor(index, p.device_mesh, placements, src_data_rank=None).to_local().reshape(-1).tolist()
 
 
 def local_rows(p: torch.Tensor) -> list[int]:
     """local_indices along dim 0, for a tensor sharded on dim 0 only (every dense parameter and buffer)."""
-    if isinstance(p, DTensor) and any(isinstance(pl, Shard) and pl.dim != 0 for pl in p.placements):
+    if isinstance(p, DTensor) and any(getattr(pl, "dim", 0) != 0 for pl in p.placements):
         raise ValueError(f"local_rows: only dim-0 sharding is supported, got placements {p.placements}")
     return local_indices(p, 0)
 
