@@ -116,6 +116,13 @@ class DeepseekV3Config:
             bad(f"scoring_func {self.scoring_func!r} is not supported (DeepSeek-V3 routing uses 'sigmoid')")
         if self.topk_method != "noaux_tc":
             bad(f"topk_method {self.topk_method!r} is not supported (DeepSeek-V3 routing is 'noaux_tc')")
+        # NaN passes every `< 0` / `<= 0` range check below, and a NaN bias_update_rate collapses routing while the
+        # loss stays finite: every float field must be a finite number first.
+        for name in ("rms_norm_eps", "rope_theta", "mtp_loss_weight", "seq_aux_loss_alpha", "bias_update_rate",
+                     "routed_scaling_factor", "initializer_range"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                bad(f"{name} must be a finite number, got {v!r}")
         if self.rms_norm_eps <= 0:
             bad(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
         if self.rope_theta <= 0:
@@ -126,6 +133,8 @@ class DeepseekV3Config:
             bad(f"seq_aux_loss_alpha must be >= 0, got {self.seq_aux_loss_alpha}")
         if self.bias_update_rate < 0:
             bad(f"bias_update_rate must be >= 0, got {self.bias_update_rate}")
+        if self.initializer_range < 0:
+            bad(f"initializer_range must be >= 0, got {self.initializer_range}")
         E = self.n_routed_experts
         if E == 0:
             return
@@ -252,6 +261,9 @@ def _normalize_yarn(s: dict, max_position_embeddings: int) -> dict:
             s[k] = v
     if s["factor"] <= 0 or not math.isfinite(s["factor"]):
         raise ValueError(f"rope_scaling factor must be a positive number, got {s['factor']}")
+    for k, v in s.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"rope_scaling {k} must be a finite number, got {v}")
     s["type"] = "yarn"
     return s
 

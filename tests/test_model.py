@@ -150,3 +150,53 @@ def test_input_errors(twins):
         model(torch.randint(0, 256, (1, 2)), labels=torch.randint(0, 256, (1, 2)))
     with pytest.raises(ValueError, match="labels shape"):
         model(torch.randint(0, 256, (1, 6)), labels=torch.randint(0, 256, (1, 5)))
+
+
+@pytest.mark.parametrize("case", ["tiny", "no_q_lora"])  # both q paths; v 16 vs q/k 24 in tiny
+def test_padded_v_attention_equals_unpadded(case, twins):
+    # CPU pads v to the q/k head dim to take SDPA's fused path (attention_plan); logits and every gradient must
+    # equal the math path's.
+    from tritonmoe.dsv3.model import MLA, attention_plan
+
+    cfg = DeepseekV3Config.from_hf("tiny", **({} if case == "tiny" else {"q_lora_rank": None}))
+    assert attention_plan(torch.device("cpu"), torch.float32, 4, cfg.qk_head_dim, cfg.v_head_dim)[0]
+    model = DeepseekV3ForCausalLM(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 33))
+    results = {}
+    for pad in (False, True):
+        for m in model.modules():
+            if isinstance(m, MLA):
+                m.pad_v = pad
+        model.zero_grad(set_to_none=True)
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        results[pad] = out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert_close(results[True][0], results[False][0], 1e-5, what="logits")
+    for name, g in results[False][1].items():
+        assert_close(results[True][1][name], g, 2e-5, what=f"grad {name}")
+
+
+def test_empty_batches(twins):
+    model = DeepseekV3ForCausalLM(DeepseekV3Config.from_hf("tiny"))
+    # No sequence, or no token: logits of the same empty shape, not a reshape error from inside attention.
+    for shape in ((0, 12), (3, 0), (0, 0)):
+        assert model(torch.zeros(shape, dtype=torch.long)).logits.shape == (*shape, 256)
+    with pytest.raises(ValueError, match=r"hold no sequence to score"):
+        model(torch.zeros(0, 12, dtype=torch.long), labels=torch.zeros(0, 12, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"sequence length 0 too short"):
+        model(torch.zeros(2, 0, dtype=torch.long), labels=torch.zeros(2, 0, dtype=torch.long))
+
+
+def test_micro_batch_losses_with_the_global_denominator_add_up(twins):
+    # loss_denominator = the whole batch's count of main-head targets: the losses of any cut of the batch sum to
+    # the whole batch's loss (lm, each MTP depth, and their weighted total).
+    cfg = DeepseekV3Config.from_hf("tiny", num_nextn_predict_layers=2).replace(mtp_loss_weight=0.3)
+    model = DeepseekV3ForCausalLM(cfg).eval()
+    ids = torch.randint(0, 256, (6, 20))
+    labels = ids.clone()
+    labels[2, 5:9] = -100
+    whole = model(ids, labels=labels)
+    n = (labels[:, 1:] != -100).sum()
+    parts = [model(ids[a:b], labels=labels[a:b], loss_denominator=n) for a, b in ((0, 1), (1, 4), (4, 6))]
+    for key in ("lm_loss", "mtp_loss", "loss"):
+        assert_close(sum(getattr(p, key) for p in parts), getattr(whole, key), 1e-6, what=key)

@@ -42,6 +42,7 @@ def test_mtp_matches_formulas(depths, tied):
     logits = rms(h, model.model.norm.weight, eps) @ head_w.t()
     assert_close(out.logits, logits, 1e-6, what="main logits")
     lm = F.cross_entropy(logits[:, :-1].reshape(-1, 256), labels[:, 1:].reshape(-1), ignore_index=-100)
+    n_main = (labels[:, 1:] != -100).sum()  # DeepSeek-V3 eq. 24: every depth is normalised by the main count
 
     losses = []
     for k in range(depths):
@@ -56,8 +57,8 @@ def test_mtp_matches_formulas(depths, tied):
         assert_close(out.mtp_logits[k], lg[:, :-1], 1e-6, what=f"depth {d} logits")
         assert out.mtp_logits[k].shape == (B, S - d - 1, 256)
         losses.append(F.cross_entropy(lg[:, :-1].reshape(-1, 256), labels[:, d + 1:].reshape(-1),
-                                      ignore_index=-100))
-    mtp = torch.stack(losses).mean()
+                                      ignore_index=-100, reduction="sum") / n_main)
+    mtp = torch.stack(losses).mean()  # eq. 25: lambda / D * sum_k L_k = lambda * mean_k L_k
     assert_close(out.lm_loss, lm, 1e-6, what="lm_loss")
     assert_close(out.mtp_loss, mtp, 1e-6, what="mtp_loss")
     assert_close(out.loss, lm + 0.25 * mtp, 1e-6, what="loss")
