@@ -44,10 +44,20 @@ from .config import DeepseekV3Config
 from .init import InitRule, build_then_init, init_weights_
 
 
-def _in_backward() -> bool:
-    """True while the autograd engine runs a backward pass: a forward executed then is a recomputation
-    (activation checkpointing, reentrant or not), which must not count tokens a second time."""
-    return torch._C._current_graph_task_id() != -1
+@torch.library.custom_op("tritonmoe::count_tokens", mutates_args=("counts",))
+def _count_tokens(counts: torch.Tensor, topk_idx_TK: torch.Tensor) -> None:
+    """counts[e] += tokens routed to expert e (scatter-add, not bincount: no device sync), unless the autograd
+    engine is running a backward pass: a forward executed then is a recomputation (activation checkpointing,
+    reentrant or not), which must not count tokens a second time. An op of its own so that the check runs when
+    the forward runs, also inside a torch.compile'd block (traced, the check would be frozen at trace time)."""
+    if torch._C._current_graph_task_id() == -1:
+        flat = topk_idx_TK.reshape(-1)
+        counts.index_add_(0, flat, torch.ones_like(flat))
+
+
+@_count_tokens.register_fake
+def _(counts, topk_idx_TK):
+    return None
 
 
 def _local(w: torch.Tensor) -> torch.Tensor:
@@ -102,6 +112,7 @@ class Router(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
         self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.int64), persistent=False)
         self.last_aux_loss: torch.Tensor | None = None  # detached value of the last sequence-wise loss
+        self.seq_aux_denominator: int | None = None  # sequences the loss averages over (None: this forward's)
 
     def init_rule(self, name: str) -> InitRule:
         """weight N(0, initializer_range); the balancing bias and the token counters 0."""
@@ -132,14 +143,15 @@ class Router(nn.Module):
             topk_w_TK = topk_w_TK / (topk_w_TK.sum(-1, keepdim=True) + 1e-20)
         topk_w_TK = topk_w_TK * self.routed_scaling_factor
 
-        if self.training and torch.is_grad_enabled() and not _in_backward():
-            with torch.no_grad():  # scatter-add, not bincount: no device sync
-                flat = topk_idx_TK.reshape(-1)
-                self.tokens_per_expert.index_add_(0, flat, torch.ones_like(flat))
+        if self.training and torch.is_grad_enabled():
+            _count_tokens(self.tokens_per_expert, topk_idx_TK.detach())
 
         self.last_aux_loss = None
         if self.seq_aux_loss_alpha > 0 and self.training and torch.is_grad_enabled():
-            aux = self.seq_aux_loss_alpha * sequence_balance_loss(scores_TE, topk_idx_TK, num_seqs)
+            # sequence_balance_loss is the mean over this batch's sequences; a trainer that cuts a step into
+            # micro-batches sets seq_aux_denominator to the step's sequence count, so the parts add up.
+            scale = 1.0 if self.seq_aux_denominator is None else num_seqs / self.seq_aux_denominator
+            aux = self.seq_aux_loss_alpha * scale * sequence_balance_loss(scores_TE, topk_idx_TK, num_seqs)
             self.last_aux_loss = aux.detach()
             topk_w_TK = AddAuxiliaryLoss.apply(topk_w_TK, aux)
         return topk_idx_TK, topk_w_TK
@@ -259,6 +271,13 @@ def routers(model: nn.Module) -> list[Router]:
     return [m for m in model.modules() if isinstance(m, Router)]
 
 
+def set_seq_aux_denominator(model: nn.Module, num_seqs: int | None) -> None:
+    """Normalise every router's sequence-wise balance loss by `num_seqs` sequences (a training step's global batch)
+    instead of each forward's own count (None restores that)."""
+    for r in routers(model):
+        r.seq_aux_denominator = num_seqs
+
+
 @torch.no_grad()
 def update_expert_bias(model: nn.Module, group=None, rate: float | None = None) -> torch.Tensor | None:
     """Aux-loss-free balancing step; call once per optimizer step, on every rank.
@@ -285,4 +304,4 @@ def update_expert_bias(model: nn.Module, group=None, rate: float | None = None) 
 
 
 __all__ = ["MoE", "Router", "GroupedExperts", "LocalDispatcher", "LocalRouting", "MLP", "AddAuxiliaryLoss",
-           "sequence_balance_loss", "update_expert_bias", "routers"]
+           "sequence_balance_loss", "update_expert_bias", "routers", "set_seq_aux_denominator"]

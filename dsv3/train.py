@@ -1,42 +1,61 @@
-"""Training example: DeepSeek-V3 (MLA + MoE + MTP) with FSDP2 + expert parallelism, exact resume.
+"""Training: DeepSeek-V3 (MLA + MoE + MTP) with FSDP2 + expert parallelism, gradient accumulation and exact resume.
 
     torchrun --nproc_per_node=N -m tritonmoe.dsv3.train [--preset tiny] [--ep E] [--steps S] [--out DIR] ...
-    torchrun ... -m tritonmoe.dsv3.train --init-from DCP_DIR ...   (start from `convert hf2dcp` weights)
     python -m tritonmoe.dsv3.train ...          (one process, world size 1)
 
-With no arguments on a machine without GPUs: the `tiny` preset, byte-level on the Python standard library's
-.py sources (data.py), gloo, EP = gcd(world, experts) (= min(world, experts) whenever one divides the
-other). With GPUs: NCCL, one GPU per rank, bf16 compute with fp32 master weights, fp32 routers and fp32 gradient
-reduction (--mixed-precision auto; `--mixed-precision bf16` runs the same dtype flow on CPU).
+With no arguments on a machine without GPUs: the `tiny` preset, byte-level on the Python standard library's .py
+sources (data.py), gloo, EP = gcd(world, experts). With GPUs: NCCL, one GPU per rank, bf16 compute with fp32
+master weights, fp32 routers and fp32 gradient reduction (--mixed-precision auto).
 
-The model is built on the meta device, parallelized (experts Shard(0) over "ep", FSDP2 over the rest), then
-materialized with to_empty: no rank ever holds more than its shards (plus, transiently, one init block of
-~64K values). Each rank then fills its shards by the model's init rule with values seeded by (seed, parameter
-name, expert index or dense row block), drawing only what its shards cover, so the initial global weights are
-the same for every world size and EP degree (parallel/init.py); or, with --init-from DIR, loads a weights-only
-DCP checkpoint (`convert hf2dcp` output, or a training checkpoint's step_XXXXXXXX) resharded to this layout;
-the config then comes from DIR/config.json (both kinds write one) unless --preset is given.
+Setup (``setup``): every option is checked before anything is written; the output folder is locked (run_dir.py);
+the model is built on the meta device, parallelized (experts over "ep", FSDP2 over the rest), materialized with
+to_empty and filled by the name-seeded init (parallel/init.py: the same global weights for every layout) or from
+--init-from's DCP weights, or from the checkpoint --resume continues.
 
-Per step s (numbered from 1): the global batch of --batch-size sequences is a function of (seed, s) only and
-is split across the data-parallel ranks; forward + backward; gradient clipping by the global norm over dense
-and expert shards; AdamW with linear warmup and cosine decay; then update_expert_bias (aux-loss-free
-balancing, token counts summed over all ranks). Output: one human line per step on rank 0 and one JSON object
-per step in DIR/metrics.jsonl (step, loss, lm_loss, mtp_loss, tokens_per_s, max_load_ratio, lr, grad_norm,
-memory_mb, and val_loss on validation steps). Checkpoints: DIR/step_XXXXXXXX (parallel/checkpoint.py, with the
-model's config.json) after every --ckpt-every steps and after the last; --resume continues from the newest
-complete one to --steps. A resume must train the same thing: the checkpoint records the seed, the global batch
-and sequence length, the data source (resolved --data path, --data-dtype, token counts) and the LR schedule
-(--lr, --warmup, --decay-steps, --min-lr-ratio, --weight-decay, --clip), and a run asking for other values
-stops with an error naming the option. Only --steps (extending the run) and options that leave the math alone
-(--out, --ckpt-every, --log-every, --val-every, --val-batches, --ac, --ep and the world size, up to fp32
-rounding) may change; --warmup and --decay-steps, when not given, are the checkpoint's, so that extending
---steps does not stretch the schedule of the steps already trained. Not checked: --mixed-precision (a run may
-move between bf16 GPUs and fp32 CPUs) and the model config beyond the shapes the load compares.
-A NaN/inf loss or gradient norm stops the run before the optimizer step, leaving the last checkpoint as it was.
+One step (``train_step``), numbered s = 1, 2, ...: the global batch of B_s sequences (schedules.py: --batch-size,
+or its ramp) is a function of (seed, s) only; dp rank r takes its share and runs it as A = share / M micro-batches of
+M = --micro-batch-size sequences (forward + backward each), then clips the global gradient norm, steps AdamW
+(linear warmup, cosine decay) and updates the balancing bias once (token counts summed over every micro-batch and
+rank). Losses use ONE denominator per term for the whole step, so the result does not depend on how the batch is
+cut (world size, EP degree, M):
 
-Host syncs per step on GPUs: one per MoE layer forward (the all-to-all split sizes; a recomputed forward
-under --ac pays it again), one before the optimizer step (global-batch losses and gradient norm in a single
-copy, which the NaN/inf stop needs), and one after it for the step time and the expert-load ratio.
+    L_main = (1/N) * sum over the step's valid targets t of CE_t,   N = valid main-head targets of the global batch
+    L_k    = (1/N) * sum over depth k's valid targets of CE         (DeepSeek-V3 report eq. 24: normalised by the
+                                                                     main sequence's count, not depth k's)
+    L_MTP  = lambda / D * sum_k L_k                                 (eq. 25; lambda: mtp_loss_weight or its schedule)
+    L_bal  = alpha * (1/B_s) * sum over the step's sequences of sum_i f_i P_i     (eq. 17-20, averaged over the
+                                                                     step's B_s sequences)
+    loss   = L_main + L_MTP + L_bal        (what is optimized and logged as `loss`)
+
+Each micro-batch contributes its share of the sums divided by the global N (or B_s), and FSDP sums the gradients
+over the ranks (apply_fsdp(reduce="sum")), so the step's gradient is the gradient of `loss` whatever the cut.
+FSDP reduce-scatters after every micro-batch (least memory); --accum-no-sync keeps unsharded gradients until the
+last one and reduces once (set_requires_gradient_sync): less communication, more memory.
+
+Output: one human line per step (rank 0) and one JSON object per step in DIR/metrics.jsonl: step, loss, lm_loss,
+mtp_loss, seq_aux_loss, tokens_per_s, tokens_per_s_per_device, lr, grad_norm, memory_mb, micro_batches, layer_load
+(per MoE layer, MTP layers included: max/mean and min/mean token load, idle experts), max_load_ratio, mfu (CUDA),
+val_loss on validation steps, expert_counts every --load-every steps and at the last step; the first line this run
+writes also records the layout. --tensorboard writes the same to DIR/tb. MFU = tokens/s per device * FLOPs per
+token / peak, with FLOPs per token = 3 * (2 * matmul parameters a token uses + attention), per decoder layer and MTP
+block: attention = n_heads * (qk_head_dim + v_head_dim) * (S + 1) (QK^T and PV over the causal mean context (S+1)/2,
+2 FLOPs per multiply-add), matmul parameters = the projections, the dense MLP or the router + shared + top-K
+routed experts, plus the head (and MTP's eh_proj); the peak comes from PEAK_TFLOPS by device name or --peak-tflops.
+
+Checkpoints: DIR/step_XXXXXXXX (parallel/checkpoint.py, with the model's config.json and checksums) after every
+--ckpt-every steps and after the last; --resume continues from the newest complete one to --steps. A resume must
+train the same thing: the checkpoint records the seed, the batch layout, the data (path, dtype, sizes, tokenizer and
+corpus hashes) and every schedule, and a run asking for other values stops with an error naming the option. Only
+--steps (extending the run) and options that leave the math alone (--out, --ckpt-every, --log-every, --val-every,
+--val-batches, --load-every, --ac, --ep, --micro-batch-size, --accum-no-sync, --compile, --tensorboard and the world
+size, up to fp32 rounding) may change; --warmup and --decay-steps, when not given, are the checkpoint's.
+A NaN/inf loss or gradient norm stops the run before the optimizer step; a non-finite parameter or buffer after
+it (the balancing bias too) stops it before anything is saved; either way the last checkpoint stays the last good
+one, and the error names it.
+
+Host syncs per step on GPUs: one per MoE layer forward under EP (the all-to-all split sizes; a recomputed forward
+under --ac pays it again), one before the optimizer step (the step's losses and gradient norm in a single copy,
+which the NaN/inf stop needs), and one after it (the state check, the expert loads and the step time).
 """
 
 import argparse
@@ -47,21 +66,31 @@ import resource
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from ..parallel import (CheckpointError, apply_expert_parallel, apply_fsdp, build_meshes, check_ep_degree,
-                        clip_grad_norm_, init_sharded_, latest_checkpoint, load_checkpoint, load_model_weights,
-                        local_device, read_train_state, save_checkpoint)
+                        clip_grad_norm_, init_sharded_, load_checkpoint, load_model_weights, local_device,
+                        read_train_state, save_checkpoint)
+from ..parallel.checkpoint import check_model_entries, complete_checkpoints, is_complete, verify_checksums
 from .config import PRESETS, DeepseekV3Config
 from .data import batch, load_corpus
-from .moe import update_expert_bias
+from .moe import set_seq_aux_denominator, update_expert_bias
+from .run_dir import RunDir, RunDirError, claim
+from .schedules import Schedules
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf; the run stopped without applying that step."""
+    """The loss, the gradient or the state became NaN or inf; the run stopped without saving that step."""
+
+
+# Dense bf16 tensor-core peaks (TFLOP/s, datasheets, without sparsity), matched against the CUDA device name.
+PEAK_TFLOPS = {"H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0,
+               "H800": 989.0, "H20": 148.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0, "A800": 312.0,
+               "L40S": 362.0}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ep", type=int, default=None, help="expert-parallel degree (default gcd(world, experts))")
     p.add_argument("--steps", type=int, default=200, help="train steps 1..STEPS")
     p.add_argument("--batch-size", type=int, default=16, help="global batch in sequences, split over ranks")
+    p.add_argument("--micro-batch-size", type=int, default=None, metavar="M",
+                   help="sequences per rank per forward; the step accumulates batch / (dp * M) micro-batches "
+                        "(default: the whole per-rank share in one)")
+    p.add_argument("--accum-no-sync", action="store_true",
+                   help="keep unsharded gradients between micro-batches and reduce once per step (less "
+                        "communication, more memory); default: reduce-scatter after every micro-batch")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=None,
@@ -82,29 +117,149 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decay-steps", type=int, default=None,
                    help="length of the LR schedule (default --steps; with --resume, the checkpoint's): set it "
                         "to stop early and --resume later on the same schedule")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr, in [0, 1]")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--clip", type=float, default=1.0, help="max global gradient norm (0: no clipping)")
+    p.add_argument("--batch-size-ramp", default=None, metavar="TOKENS:FROM",
+                   help="global batch ramps from FROM sequences to --batch-size over the first TOKENS tokens, in "
+                        "multiples of FROM (DeepSeek-V3: 469B:3072 with --batch-size 15360)")
+    p.add_argument("--mtp-weight-schedule", default=None, metavar="BEFORE:TOKENS:AFTER",
+                   help="MTP loss weight BEFORE for the first TOKENS tokens, then AFTER (DeepSeek-V3: 0.3:10T:0.1)")
+    p.add_argument("--bias-rate-schedule", default=None, metavar="TOKENS_LEFT:0",
+                   help="balancing bias rate 0 for the last TOKENS_LEFT tokens of the schedule (DeepSeek-V3: 500B:0)")
     p.add_argument("--out", default=None, help="output folder (default: the first free runs/PRESET[-N]; with "
                    "--resume the newest of them)")
     p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps (and after the last)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ac", action="store_true", help="activation checkpointing of every decoder block")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every decoder block (fullgraph for the local MoE path)")
     p.add_argument("--mixed-precision", default="auto", choices=["auto", "bf16", "none"],
                    help="bf16: bf16 compute, fp32 master weights, routers and gradient reduction; none: fp32 "
                         "throughout; auto (default): bf16 on GPUs, none on CPU")
     p.add_argument("--val-every", type=int, default=50, help="validation loss every N steps and at the end")
     p.add_argument("--val-batches", type=int, default=4, help="global batches in one validation")
-    p.add_argument("--data", default=None, help="text file or folder (byte-level), or a token file with "
-                                                "--data-dtype; default: the Python stdlib's .py sources")
+    p.add_argument("--data", default=None, help="a folder written by `python -m tritonmoe.dsv3.data prepare` (its "
+                   "meta.json gives the dtype, vocabulary and EOS), a text file or folder (byte-level), or a token "
+                   "file with --data-dtype; default: the Python stdlib's .py sources")
     p.add_argument("--data-dtype", default=None, choices=["uint16", "uint32"], help="token file dtype")
     p.add_argument("--log-every", type=int, default=1, help="print every N steps (metrics.jsonl gets all)")
+    p.add_argument("--load-every", type=int, default=50,
+                   help="full per-layer per-expert token counts in the metrics every N steps (and at the last)")
+    p.add_argument("--tensorboard", action="store_true", help="TensorBoard event files in DIR/tb")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's peak TFLOP/s for MFU (default: a table of known GPUs)")
     return p
 
 
 # The root module returns MTP logits as slices of larger tensors; nothing modifies them in place.
 warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+
+
+# ------------------------------------------------------------------------------------------------ options
+@dataclass(frozen=True)
+class Layout:
+    """How this run's world is cut."""
+    world: int           # ranks
+    ep: int              # expert-parallel degree
+    dp: int              # data-parallel ranks: every rank holds its own share of each step's batch
+    micro_batch: int | None   # --micro-batch-size, or None: a rank's whole share in one forward
+
+
+def _check_args(args, cfg: DeepseekV3Config, world: int) -> Layout:
+    """Every user error that needs no file is raised here, before anything is written."""
+    for name in ("steps", "batch_size", "seq_len", "val_batches", "log_every", "load_every"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("decay_steps", "micro_batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("ckpt_every", "val_every", "warmup"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name, lo, hi, lo_open in (("lr", 0.0, math.inf, True), ("weight_decay", 0.0, math.inf, False),
+                                  ("min_lr_ratio", 0.0, 1.0, False), ("clip", 0.0, math.inf, False),
+                                  ("peak_tflops", 0.0, math.inf, True)):
+        v = getattr(args, name)
+        if v is None:
+            continue
+        if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
+            rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{']' if math.isfinite(hi) else ')'}"
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number in {rng}, got {v}")
+    if not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed must be in [0, 2**63), got {args.seed}")
+    D = cfg.num_nextn_predict_layers
+    if args.seq_len < D + 2:
+        raise ValueError(f"--seq-len {args.seq_len} is too short: the main head and {D} MTP depth(s) need at least "
+                         f"{D + 2} tokens per sequence")
+    if args.seq_len > cfg.max_position_embeddings:
+        raise ValueError(f"--seq-len {args.seq_len} > max_position_embeddings {cfg.max_position_embeddings}")
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the world size {world}")
+    E = cfg.n_routed_experts
+    ep = args.ep if args.ep is not None else (math.gcd(world, E) if E else 1)
+    check_ep_degree(world, ep, E if E else None)
+    M = args.micro_batch_size
+    unit = world * (M or 1)  # every global batch must split into whole micro-batches on every rank
+    levels = [args.batch_size]
+    if args.batch_size_ramp:
+        from_ = Schedules.from_args(args, 0, 1).ramp_from
+        levels = list(range(from_, args.batch_size + 1, from_))
+    for b in levels:
+        if b % unit:
+            what = f"--batch-size-ramp level {b}" if b != args.batch_size else f"--batch-size {b}"
+            raise ValueError(f"{what} does not split into whole micro-batches: it must be divisible by world {world}"
+                             + (f" x --micro-batch-size {M} = {unit}" if M else ""))
+    return Layout(world=world, ep=ep, dp=world, micro_batch=M)
+
+
+def _load_config(preset: str | None, init_from: str | None) -> DeepseekV3Config:
+    if init_from is not None and not Path(init_from).is_dir():
+        raise CheckpointError(f"--init-from {init_from} does not exist (or is not a folder)")
+    if preset is None and init_from is not None:
+        config = Path(init_from) / "config.json"
+        if not config.is_file():
+            raise ValueError(f"--init-from {init_from} has no config.json (`convert hf2dcp` and training "
+                             "checkpoints write one): pass --preset with the model's preset or config.json")
+        return _read_config(config, "--init-from")
+    preset = "tiny" if preset is None else preset
+    if preset in PRESETS:
+        return DeepseekV3Config.from_hf(preset)
+    path = Path(preset)
+    if path.is_dir():
+        path = path / "config.json"
+        if not path.is_file():
+            raise ValueError(f"--preset {preset}: the folder holds no config.json")
+    elif not path.is_file():
+        raise ValueError(f"unknown --preset {preset!r}: use one of {', '.join(PRESETS)} or a config.json path")
+    return _read_config(path, "--preset")
+
+
+def _check_init_from(init_from: str, cfg: DeepseekV3Config) -> None:
+    """--init-from is a readable DCP checkpoint whose files match their checksums and whose weights have the model's
+    keys and global shapes (all checked before anything is written)."""
+    from .model import DeepseekV3ForCausalLM
+
+    src = Path(init_from)
+    if not is_complete(src):
+        hf = any(src.glob("*.safetensors"))
+        raise CheckpointError(f"--init-from {init_from} is not a DCP checkpoint (no .metadata)"
+                              + ("; it holds safetensors: convert it first with `python -m tritonmoe.dsv3.convert "
+                                 f"hf2dcp --input {init_from} --output DIR`" if hf else ""))
+    verify_checksums(src)
+    with torch.device("meta"):
+        shapes = DeepseekV3ForCausalLM(cfg).state_dict()
+    check_model_entries(src, shapes)
+
+
+def _read_config(path: Path, option: str) -> DeepseekV3Config:
+    try:
+        return DeepseekV3Config.from_hf(json.loads(path.read_text()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{option}: {path} is not a readable JSON config ({e})") from None
+    except (TypeError, KeyError) as e:
+        raise ValueError(f"{option}: {path} is not a DeepSeek-V3 config ({type(e).__name__}: {e})") from None
 
 
 def _init_distributed() -> None:
@@ -128,93 +283,37 @@ def _init_distributed() -> None:
         dist.init_process_group("gloo", **alone)
 
 
-def _schedule(args) -> tuple[int, int]:
-    """(warmup, total) of the LR schedule: total = --decay-steps (default --steps), warmup = --warmup (default
-    total // 10)."""
+def _schedule_lengths(args) -> tuple[int, int]:
+    """(warmup, decay_steps): --decay-steps (default --steps), --warmup (default a tenth of it)."""
     total = args.decay_steps or args.steps
     return (total // 10 if args.warmup is None else args.warmup), total
 
 
-def _lr_at(step: int, args) -> float:
-    """Linear warmup over steps 1..warmup, then cosine from lr to lr * min_lr_ratio at step decay_steps."""
-    warmup, total = _schedule(args)
-    if step <= warmup:  # never true for warmup 0
-        return args.lr * step / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def _check_args(args, cfg: DeepseekV3Config, world: int) -> int:
-    """Every user error is raised here, before anything is written. Returns the EP degree."""
-    for name in ("steps", "batch_size", "seq_len", "val_batches", "log_every"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.decay_steps is not None and args.decay_steps < 1:
-        raise ValueError(f"--decay-steps must be >= 1, got {args.decay_steps}")
-    for name in ("ckpt_every", "val_every"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.lr <= 0:
-        raise ValueError(f"--lr must be > 0, got {args.lr}")
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the world size {world}")
-    if args.seq_len > cfg.max_position_embeddings:
-        raise ValueError(f"--seq-len {args.seq_len} > max_position_embeddings {cfg.max_position_embeddings}")
-    E = cfg.n_routed_experts
-    ep = args.ep if args.ep is not None else (math.gcd(world, E) if E else 1)
-    check_ep_degree(world, ep, E if E else None)
-    return ep
-
-
-def _load_config(preset: str | None, init_from: str | None) -> DeepseekV3Config:
-    if init_from is not None and not Path(init_from).is_dir():
-        raise CheckpointError(f"--init-from {init_from} does not exist (or is not a folder)")
-    if preset is None and init_from is not None:
-        config = Path(init_from) / "config.json"
-        if not config.is_file():
-            raise ValueError(f"--init-from {init_from} has no config.json (`convert hf2dcp` and training "
-                             "checkpoints write one): pass --preset with the model's preset or config.json")
-        return DeepseekV3Config.from_hf(config)
-    preset = "tiny" if preset is None else preset
-    if preset not in PRESETS and not Path(preset).exists():
-        raise ValueError(f"unknown --preset {preset!r}: use one of {', '.join(PRESETS)} or a config.json path")
-    return DeepseekV3Config.from_hf(preset)
-
-
-def _checkpoint_config(cfg: DeepseekV3Config) -> dict:
-    """The model's config.json for a checkpoint folder (the file `convert` writes: cfg.to_hf()), which
-    from_hf reads back to the same model. A moe_layer_freq != 1, which transformers cannot express (to_hf
-    refuses it by default), is written as it is: our own reader keeps it."""
-    return cfg.to_hf(for_transformers=False)
-
-
-def _train_state(args, corpus) -> dict:
-    """What a checkpoint records so that a resume can refuse to train something else: batch layout, data source
-    and LR schedule (resolved: --warmup and --decay-steps as _lr_at uses them)."""
-    warmup, total = _schedule(args)
+def _train_state(args, corpus, schedules: Schedules) -> dict:
+    """What a checkpoint records so that a resume can refuse to train something else. Flat: DCP flattens nested
+    dicts and read_train_state would not read them back."""
     return {"seed": args.seed, "batch_size": args.batch_size, "seq_len": args.seq_len,
             "data": str(Path(args.data).resolve()) if args.data is not None else None,
             "data_dtype": args.data_dtype,
-            "data_tokens": f"{corpus.train.size} train + {corpus.val.size} validation tokens",
-            "lr": args.lr, "warmup": warmup, "decay_steps": total,
-            "min_lr_ratio": args.min_lr_ratio, "weight_decay": args.weight_decay, "clip": args.clip}
+            "data_tokens": f"{len(corpus.train)} train + {len(corpus.val)} validation tokens",
+            "data_tokenizer_sha256": corpus.identity.get("tokenizer_sha256"),
+            "data_corpus_sha256": corpus.identity.get("corpus_sha256"),
+            **schedules.record(), "weight_decay": args.weight_decay, "clip": args.clip}
+
+
+# Train state keys that describe what --data holds rather than an option of their own.
+_DATA_KEYS = {"data_tokens": "--data holding", "data_tokenizer_sha256": "--data's tokenizer (sha256)",
+              "data_corpus_sha256": "--data's corpus (sha256)"}
 
 
 def _resume_option(key: str) -> str:
-    """How a resume message names a train state key: its command-line option (data_tokens: the data's size)."""
-    return "--data holding" if key == "data_tokens" else "--" + key.replace("_", "-")
+    """How a resume message names a train state key: its command-line option, or what --data holds."""
+    return _DATA_KEYS.get(key, "--" + key.replace("_", "-"))
 
 
-def _check_resume(args, corpus, recorded: dict, ckpt: Path) -> dict:
-    """Refuse to resume `ckpt` with another batch layout, data source or LR schedule (ValueError naming the
-    option, the checkpoint's value and this run's). --warmup / --decay-steps not given on the command line
-    take the checkpoint's values (set on `args`). Returns the train state this run records."""
-    if args.decay_steps is None and recorded.get("decay_steps") is not None:
-        args.decay_steps = recorded["decay_steps"]
-    if args.warmup is None and recorded.get("warmup") is not None:
-        args.warmup = recorded["warmup"]
-    state = _train_state(args, corpus)
-
+def _check_resume(args, state: dict, recorded: dict, ckpt: Path) -> None:
+    """Refuse to resume `ckpt` with another batch layout, data source or schedule (ValueError naming the option,
+    the checkpoint's value and this run's)."""
     def show(v) -> str:
         return "(not given)" if v is None else str(v)
 
@@ -224,14 +323,13 @@ def _check_resume(args, corpus, recorded: dict, ckpt: Path) -> dict:
             unchecked.append(_resume_option(key))
         elif recorded[key] != value:
             option = _resume_option(key)
-            fix = ("the data changed since the checkpoint" if key == "data_tokens" else
+            fix = ("the data changed since the checkpoint" if key in _DATA_KEYS else
                    "pass the same value (only --steps and options that do not change the training may differ)")
             raise ValueError(f"--resume: checkpoint {ckpt} was trained with {option} {show(recorded[key])}, this run "
                              f"asks for {option} {show(value)}; {fix}")
     if unchecked and dist.get_rank() == 0:
         print(f"warning: checkpoint {ckpt} does not record {', '.join(unchecked)} (an older checkpoint): "
               "cannot check that they match", file=sys.stderr, flush=True)
-    return state
 
 
 def _run_name(args) -> str:
@@ -248,11 +346,13 @@ def _param_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | No
     return torch.bfloat16 if mixed_precision == "bf16" else None
 
 
+# ------------------------------------------------------------------------------------------------ setup
 def _build_model(cfg: DeepseekV3Config, seed: int, ep: int, device: torch.device,
                  param_dtype: torch.dtype | None, init_from: str | None = None):
     """Meta-device build -> expert parallelism + FSDP2 on the meta model -> to_empty (each rank allocates its
     shards only) -> fill them: from --init-from's checkpoint, else by the model's init rule with values that
-    depend on (seed, name, expert index) only, not on the layout."""
+    depend on (seed, name, expert index) only, not on the layout. FSDP sums gradients (the losses are divided by
+    the step's global counts)."""
     from .model import DeepseekV3ForCausalLM
 
     torch.manual_seed(seed)  # the same RNG state on every rank and for every layout
@@ -261,7 +361,7 @@ def _build_model(cfg: DeepseekV3Config, seed: int, ep: int, device: torch.device
     meshes = build_meshes(ep, cfg.n_routed_experts or None)
     if ep > 1:
         apply_expert_parallel(model, meshes.expert)
-    apply_fsdp(model, meshes.dense, meshes.expert, param_dtype=param_dtype)
+    apply_fsdp(model, meshes.dense, meshes.expert, param_dtype=param_dtype, reduce="sum")
     model.to_empty(device=device)
     # Also with --init-from: the non-persistent buffers (token counters) are in no checkpoint, and a cheap
     # init of the local shards means no parameter can start from to_empty's garbage.
@@ -280,25 +380,317 @@ def _make_optimizer(model, args) -> torch.optim.Optimizer:
                              lr=args.lr, betas=(0.9, 0.95), eps=1e-8, foreach=False)
 
 
-def _losses(model, rows: torch.Tensor):
-    """(loss, lm_loss, mtp_loss) of one local batch of windows [b, seq_len] (the model shifts labels)."""
-    out = model(rows, labels=rows)
-    zero = out.loss.new_zeros(())
-    mtp = out.mtp_loss if out.mtp_loss is not None else zero
-    return out.loss, out.lm_loss, mtp
+def _compile_blocks(model, fullgraph: bool) -> int:
+    """torch.compile each decoder block's computation (MTP blocks included), inside its FSDP unit and inside the
+    activation-checkpointing wrapper; returns how many were compiled."""
+    from .model import DecoderLayer
+
+    blocks = [m for m in model.modules() if isinstance(m, DecoderLayer)]
+    for b in blocks:
+        b._block = torch.compile(b._block, fullgraph=fullgraph)
+    return len(blocks)
+
+
+def _plan_attention(model, device: torch.device, dtype: torch.dtype) -> str:
+    """Fix every MLA's SDPA plan up front (compiled blocks must not decide it on their first call); returns the
+    plan's description for the start-up line."""
+    from .model import MLA, attention_plan
+
+    desc = None
+    for m in model.modules():
+        if isinstance(m, MLA):
+            m.pad_v, desc = attention_plan(device, dtype, m.n_heads, m.nope + m.rope, m.v_dim)
+    return desc or "none"
+
+
+def _intact_before(out: Path, step: int) -> Path | None:
+    """The newest complete checkpoint in `out` older than `step` whose files match their checksums."""
+    for ckpt in reversed(complete_checkpoints(out)):
+        if int(ckpt.name.removeprefix("step_")) >= step:
+            continue
+        try:
+            verify_checksums(ckpt)
+            return ckpt
+        except CheckpointError:
+            continue
+    return None
+
+
+def _verified(ckpt: Path, out: Path) -> Path:
+    """`ckpt`, after its files were checked against their checksums; a corrupt one is an error that names the
+    newest intact earlier checkpoint."""
+    try:
+        verify_checksums(ckpt)
+    except CheckpointError as e:
+        intact = _intact_before(out, int(ckpt.name.removeprefix("step_")))
+        hint = (f"the newest intact checkpoint is {intact}: move {ckpt.name} out of {out} and --resume again"
+                if intact else "no earlier checkpoint in the folder is intact")
+        raise CheckpointError(f"--resume: {e}; {hint}") from e
+    return ckpt
+
+
+@dataclass
+class Run:
+    """Everything a step needs, made once by ``setup``."""
+    args: argparse.Namespace
+    cfg: DeepseekV3Config
+    layout: Layout
+    schedules: Schedules
+    corpus: object
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    rank: int
+    start: int                         # first step this run trains
+    out: Path
+    run_dir: RunDir | None             # rank 0: the locked output folder
+    train_state: dict
+    model_config: dict                 # the config.json every checkpoint carries
+    last_ckpt: Path | None
+    flops_per_token: float
+    peak_flops: float | None           # per device, for MFU (None: not on a known GPU)
+    tensorboard: object | None = None
+    metrics: object | None = None      # rank 0: metrics.jsonl opened for appending
+    timings: dict = field(default_factory=dict)
+    wrote_layout: bool = False
+
+
+def setup(argv: list[str] | None = None) -> Run | None:
+    """Parse and check the options, claim the output folder, build the model and the optimizer (from a checkpoint
+    for --resume). Returns None when a resume has nothing left to do."""
+    t_imports = time.perf_counter()
+    args = build_parser().parse_args(argv)
+    cfg = _load_config(args.preset, args.init_from)
+    model_config = cfg.to_hf(for_transformers=False)  # written into every checkpoint (before the run-time --ac)
+    cfg = cfg.replace(activation_checkpointing=args.ac)
+    _init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    t_group = time.perf_counter()
+    layout = _check_args(args, cfg, world)
+    if args.init_from is not None and not args.resume:
+        _check_init_from(args.init_from, cfg)
+    if args.tensorboard and rank == 0:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ValueError("--tensorboard needs the tensorboard package: pip install 'tritonmoe[tensorboard]'") \
+                from None
+    corpus = load_corpus(args.data, args.data_dtype)
+    for name, part in (("training", corpus.train), ("validation", corpus.val if args.val_every else None)):
+        if part is not None and len(part) < args.seq_len:
+            raise ValueError(f"the {name} split of {corpus.description.split(':')[0]} holds {len(part)} tokens, "
+                             f"fewer than one sequence (--seq-len {args.seq_len})")
+    corpus.check_vocab(cfg.vocab_size)
+    t_data = time.perf_counter()
+
+    # The output folder: chosen and locked by rank 0 (the decision is broadcast), checked before anything is built.
+    choice = [None, None]
+    run_dir = None
+    if rank == 0:
+        try:
+            run_dir = claim(Path(args.out) if args.out else None, _run_name(args), args.resume)
+            latest = complete_checkpoints(run_dir.path)
+            choice = [str(run_dir.path), str(latest[-1]) if args.resume else None]
+        except (RunDirError, CheckpointError) as e:
+            choice = [None, f"{type(e).__name__}:{e}"]
+    dist.broadcast_object_list(choice, src=0)
+    if choice[0] is None:
+        kind, _, msg = choice[1].partition(":")
+        raise (CheckpointError if kind == "CheckpointError" else RunDirError)(msg)
+    out, resume_from = Path(choice[0]), (Path(choice[1]) if choice[1] else None)
+    try:
+        if resume_from is not None:
+            resume_from = _verified(resume_from, out)
+            recorded = read_train_state(resume_from)
+            if args.decay_steps is None and recorded.get("decay_steps") is not None:
+                args.decay_steps = recorded["decay_steps"]
+            if args.warmup is None and recorded.get("warmup") is not None:
+                args.warmup = recorded["warmup"]
+        schedules = Schedules.from_args(args, *_schedule_lengths(args))
+        train_state = _train_state(args, corpus, schedules)
+        if resume_from is not None:
+            _check_resume(args, train_state, recorded, resume_from)
+            if recorded["step"] >= args.steps:
+                if rank == 0:
+                    print(f"tritonmoe train: nothing to do: {resume_from} already trained step {recorded['step']} "
+                          f">= --steps {args.steps} (pass a larger --steps to continue)", flush=True)
+                if run_dir is not None:
+                    run_dir.release()
+                return None
+
+        device = local_device()
+        param_dtype = _param_dtype(args.mixed_precision, device)
+        # A resumed run's weights come from its own checkpoint; --init-from only starts a fresh run.
+        model = _build_model(cfg, args.seed, layout.ep, device, param_dtype,
+                             args.init_from if resume_from is None else None)
+        optimizer = _make_optimizer(model, args)
+        attention = _plan_attention(model, device, param_dtype or torch.float32)
+        start, last_ckpt = 1, resume_from
+        if resume_from is not None:
+            start = load_checkpoint(resume_from, model, optimizer)["step"] + 1
+        if args.compile:
+            _compile_blocks(model, fullgraph=layout.ep == 1)
+        t_build = time.perf_counter()
+
+        if rank == 0:
+            if resume_from is not None:
+                run_dir.keep_metrics_until(start - 1, lambda m: print(f"warning: {m}", file=sys.stderr, flush=True))
+            else:
+                run_dir.start_fresh()
+        from .flops import flops_per_token, peak_flops
+
+        run = Run(args=args, cfg=cfg, layout=layout, schedules=schedules, corpus=corpus, model=model,
+                  optimizer=optimizer, device=device, rank=rank, start=start, out=out, run_dir=run_dir,
+                  train_state=train_state, model_config=model_config, last_ckpt=last_ckpt,
+                  flops_per_token=flops_per_token(cfg, args.seq_len),
+                  peak_flops=peak_flops(device, args.peak_tflops, PEAK_TFLOPS))
+        if rank == 0:
+            run.metrics = open(run_dir.metrics_path, "a")
+            if args.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                run.tensorboard = SummaryWriter(str(out / "tb"), purge_step=start)
+        run.timings = {"imports": _seconds_since_process_start(t_imports), "process group": t_group - t_imports,
+                       "config, data": t_data - t_group, "model": t_build - t_data}
+        if rank == 0:
+            _print_start(run, resume_from, param_dtype, attention)
+        return run
+    except BaseException:
+        if run_dir is not None:
+            run_dir.release()
+        raise
+
+
+def _seconds_since_process_start(t: float) -> float:
+    """Seconds from this process's start (interpreter start-up, imports, torchrun's own set-up) to perf_counter
+    time `t`, from /proc (0 where it is unavailable)."""
+    try:
+        ticks = os.sysconf("SC_CLK_TCK")
+        started = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]) / ticks
+        now = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, now - started - (time.perf_counter() - t))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _print_start(run: Run, resume_from, param_dtype, attention: str) -> None:
+    args, layout = run.args, run.layout
+    n_params = sum(p.numel() for p in run.model.parameters())
+    resumed = (f" (resumed from {resume_from.name})" if resume_from else
+               f" (weights from {args.init_from})" if args.init_from else "")
+    precision = "bf16 compute" if param_dtype is not None else "fp32"
+    preset = args.preset or (Path(args.init_from) / "config.json" if args.init_from else "tiny")
+    accum = ""
+    if layout.micro_batch:
+        accum = f", micro-batch {layout.micro_batch} ({args.batch_size // (layout.dp * layout.micro_batch)} per step"
+        accum += ", one reduce per step)" if args.accum_no_sync else ")"
+    print(f"tritonmoe train: preset {preset}, {n_params / 1e6:.2f}M params, world {layout.world} "
+          f"({dist.get_backend()}), ep {layout.ep} x edp {layout.world // layout.ep}, global batch {args.batch_size} x "
+          f"{args.seq_len}{accum}, {precision}, steps {run.start}..{args.steps}{resumed}\n"
+          f"  data: {run.corpus.description}\n  attention: {attention}\n  out: {run.out}", flush=True)
+    total = sum(run.timings.values())
+    if total > 2.0:
+        parts = ", ".join(f"{k} {v:.1f} s" for k, v in run.timings.items())
+        print(f"  start-up before step {run.start}: {total:.1f} s ({parts})", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ one step
+def _state_finite(model) -> torch.Tensor:
+    """0-d bool on the device: every local parameter and buffer shard is finite (the balancing bias included)."""
+    flags = [torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all()
+             for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
+    return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool)
+
+
+def _layer_load(counts: torch.Tensor) -> list[dict]:
+    load = counts.double()
+    mean = load.mean(1).clamp_min(1e-12)
+    return [{"max_over_mean": round(mx, 4), "min_over_mean": round(mn, 4), "idle_experts": idle}
+            for mx, mn, idle in zip((load.max(1).values / mean).tolist(), (load.min(1).values / mean).tolist(),
+                                    (load == 0).sum(1).tolist())]
+
+
+def _nonfinite(run: Run, step: int, what: str) -> NonFiniteLossError:
+    return NonFiniteLossError(f"step {step}: {what}; stopped before saving the step. Last good checkpoint: "
+                              f"{run.last_ckpt or 'none'}")
+
+
+def train_step(run: Run, step: int) -> dict:
+    """Train step `step` (see the module docstring); returns its metrics record."""
+    args, cfg, model, device = run.args, run.cfg, run.model, run.device
+    t0 = time.perf_counter()
+    B, tokens_before = run.schedules.batch_at(step)
+    lr = run.schedules.lr_at(step)
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr
+    mtp_weight = run.schedules.mtp_weight_at(tokens_before, cfg.mtp_loss_weight)
+    rows = batch(run.corpus.train, args.seed, step, B, args.seq_len, run.rank, run.layout.dp, device)
+    M = run.layout.micro_batch or rows.shape[0]
+    micro = rows.split(M)
+    # The step's denominators: valid main-head targets and sequences of the GLOBAL batch.
+    n_main = (rows[:, 1:] != -100).sum().to(torch.float64)
+    dist.all_reduce(n_main)
+    set_seq_aux_denominator(model, B)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, lm, mtp, seq-aux
+    for j, mb in enumerate(micro):
+        if args.accum_no_sync and len(micro) > 1:
+            model.set_requires_gradient_sync(j == len(micro) - 1)
+        out = model(mb, labels=mb, loss_denominator=n_main)
+        mtp = out.mtp_loss if out.mtp_loss is not None else out.lm_loss.new_zeros(())
+        objective = out.lm_loss + mtp_weight * mtp
+        objective.backward()  # the sequence-wise term reaches the gradients inside the routers
+        aux = out.aux_loss.detach().double() if out.aux_loss is not None else sums.new_zeros(())
+        sums += torch.stack([objective.detach().double() + aux, out.lm_loss.detach().double(),
+                             mtp.detach().double(), aux])
+    # Global gradient norm over dense and expert shards (clipped to --clip unless it is 0), and the step's losses
+    # summed over ranks: one host copy, before the optimizer step, so that a non-finite value stops the run first.
+    grad_norm = clip_grad_norm_(model.parameters(), args.clip if args.clip > 0 else math.inf)
+    dist.all_reduce(sums)
+    loss, lm_loss, mtp_loss, aux_loss, grad_norm = torch.cat([sums, grad_norm.double().view(1)]).tolist()
+    if not all(math.isfinite(v) for v in (loss, lm_loss, mtp_loss, aux_loss)):
+        raise _nonfinite(run, step, f"loss is {loss} (lm {lm_loss}, mtp {mtp_loss}, seq-aux {aux_loss})")
+    if not math.isfinite(grad_norm):
+        raise _nonfinite(run, step, f"gradient norm is {grad_norm} (loss {loss})")
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    counts = update_expert_bias(model, rate=run.schedules.bias_rate_at(tokens_before, cfg.bias_update_rate))
+    finite = _state_finite(model).to(torch.int32)
+    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not finite.item():  # also the step's sync for the time and the loads below
+        raise _nonfinite(run, step, "a parameter or buffer (weights, balancing bias) became NaN or inf in the "
+                                    "optimizer step or the bias update")
+    dt = time.perf_counter() - t0
+    tokens = B * args.seq_len
+    record = {"step": step, "loss": loss, "lm_loss": lm_loss, "mtp_loss": mtp_loss, "seq_aux_loss": aux_loss,
+              "tokens_per_s": tokens / dt, "tokens_per_s_per_device": tokens / dt / run.layout.world, "lr": lr,
+              "grad_norm": grad_norm, "memory_mb": _memory_mb(device), "micro_batches": len(micro),
+              "batch_size": B, "mtp_weight": mtp_weight}
+    if run.peak_flops:
+        record["mfu"] = record["tokens_per_s_per_device"] * run.flops_per_token / run.peak_flops
+    if counts is not None:
+        record["layer_load"] = _layer_load(counts)
+        record["max_load_ratio"] = max(ld["max_over_mean"] for ld in record["layer_load"])
+        if step % args.load_every == 0 or step == args.steps:
+            record["expert_counts"] = counts.tolist()
+    return record
 
 
 @torch.no_grad()
-def _validate(model, corpus, args, world: int, rank: int, device) -> float:
+def _validate(run: Run) -> float:
+    """Mean next-token loss over --val-batches fixed global batches of the validation split."""
+    args, model = run.args, run.model
     model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=device)
+    total = torch.zeros(2, dtype=torch.float64, device=run.device)  # summed CE, targets
     for i in range(1, args.val_batches + 1):
         # A fixed set of validation windows (own seed stream, not tied to the step being validated).
-        rows = batch(corpus.val, args.seed + 1_000_003, i, args.batch_size, args.seq_len, rank, world, device)
-        total += _losses(model, rows)[1].double()
+        rows = batch(run.corpus.val, args.seed + 1_000_003, i, args.batch_size, args.seq_len, run.rank,
+                     run.layout.dp, run.device)
+        for mb in rows.split(run.layout.micro_batch or rows.shape[0]):
+            out = model(mb, labels=mb, loss_denominator=1.0)  # the summed cross-entropy
+            total += torch.stack([out.lm_loss.double(), (mb[:, 1:] != -100).sum().double()])
     dist.all_reduce(total)
     model.train()
-    return total.item() / (args.val_batches * world)
+    return (total[0] / total[1]).item()
 
 
 def _memory_mb(device: torch.device) -> float:
@@ -307,162 +699,80 @@ def _memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _holds_run(out: Path) -> bool:
-    return (out / "metrics.jsonl").exists() or any(out.glob("step_*"))
+def _log(run: Run, record: dict) -> None:
+    """metrics.jsonl line, TensorBoard scalars and the human line (rank 0)."""
+    args, step = run.args, record["step"]
+    if not run.wrote_layout:
+        record = {**record, "world": run.layout.world, "ep": run.layout.ep, "pp": 1, "pp_schedule": None,
+                  "fp8": False, "compiled": args.compile}
+        run.wrote_layout = True
+    run.metrics.write(json.dumps(record) + "\n")
+    run.metrics.flush()
+    if run.tensorboard is not None:
+        _to_tensorboard(run.tensorboard, record)
+    if step % args.log_every == 0 or step == args.steps or "val_loss" in record:
+        print(f"step {step:5d}/{args.steps}  loss {record['loss']:.4f} (lm {record['lm_loss']:.4f}, "
+              f"mtp {record['mtp_loss']:.4f})  {record['tokens_per_s']:,.0f} tok/s  "
+              f"max/mean expert load {record.get('max_load_ratio', float('nan')):.2f}  "
+              f"mem {record['memory_mb']:,.0f} MiB  lr {record['lr']:.2e}"
+              + (f"  mfu {record['mfu']:.1%}" if "mfu" in record else "")
+              + (f"  val {record['val_loss']:.4f}" if "val_loss" in record else ""), flush=True)
 
 
-def _default_out(name: str, resume: bool) -> Path:
-    """Without --out: a fresh run takes the first of runs/NAME, runs/NAME-2, ... that holds no run, so the
-    default command can be repeated and never touches an earlier run; --resume continues the newest of them.
-    Rank 0 decides and broadcasts, so no rank can see another's half-created folder."""
-    def nth(n: int) -> Path:
-        return Path("runs") / (name if n == 1 else f"{name}-{n}")
-
-    choice = [None]
-    if dist.get_rank() == 0:
-        n = 1
-        while _holds_run(nth(n)):
-            n += 1
-        choice = [str(nth(n - 1) if resume and n > 1 else nth(n))]
-    dist.broadcast_object_list(choice, src=0)
-    return Path(choice[0])
-
-
-def _prepare_out(out: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from (None for a fresh run); refuses to overwrite an existing run."""
-    ckpt = latest_checkpoint(out)
-    if resume:
-        if ckpt is None:
-            found = sorted(p.name for p in out.glob("step_*")) if out.is_dir() else []
-            raise CheckpointError(f"--resume: no complete checkpoint in {out}"
-                                  + (f" (incomplete: {', '.join(found)})" if found else ""))
-        return ckpt
-    if ckpt is not None or (out / "metrics.jsonl").exists():
-        raise ValueError(f"{out} already holds a run ({ckpt.name if ckpt else 'metrics.jsonl'}): pass --resume to "
-                         "continue it, or choose another --out")
-    return None
+def _to_tensorboard(writer, record: dict) -> None:
+    step = record["step"]
+    for key, tag in (("loss", "loss/total"), ("lm_loss", "loss/lm"), ("mtp_loss", "loss/mtp"),
+                     ("seq_aux_loss", "loss/seq_aux"), ("val_loss", "loss/val"), ("lr", "optim/lr"),
+                     ("grad_norm", "optim/grad_norm"), ("tokens_per_s", "throughput/tokens_per_s"),
+                     ("tokens_per_s_per_device", "throughput/tokens_per_s_per_device"), ("mfu", "throughput/mfu"),
+                     ("memory_mb", "memory/mb"), ("batch_size", "schedule/batch_size"),
+                     ("mtp_weight", "schedule/mtp_weight"), ("max_load_ratio", "load/max_over_mean_worst")):
+        if key in record:
+            writer.add_scalar(tag, record[key], step)
+    for i, ld in enumerate(record.get("layer_load", [])):
+        for key, value in ld.items():
+            writer.add_scalar(f"load/layer{i}/{key}", value, step)
+    if "expert_counts" in record:
+        writer.add_histogram("load/expert_counts", torch.tensor(record["expert_counts"], dtype=torch.float64), step)
 
 
-def _trim_metrics(path: Path, last_step: int) -> None:
-    """Drop metrics of steps after the checkpoint we resume from (they are about to be redone)."""
-    if not path.exists():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    path.write_text("".join(ln + "\n" for ln in lines if json.loads(ln)["step"] <= last_step))
-
-
+# ------------------------------------------------------------------------------------------------ the run
 def main(argv: list[str] | None = None, on_step=None) -> dict:
-    """Run training; returns {"losses": {step: loss}, "val_loss": ..., "out": DIR} on every rank.
+    """Run training; returns {"losses": {step: loss}, "val_loss": ..., "out": DIR, ...} on every rank.
 
     on_step(step, model, record) is called on every rank after every step (tests read expert biases here).
     """
-    args = build_parser().parse_args(argv)
-    cfg = _load_config(args.preset, args.init_from)
-    model_config = _checkpoint_config(cfg)  # written into every checkpoint (before the run-time --ac below)
-    # The model recomputes each decoder block (MTP blocks too) inside its FSDP unit; its router does not
-    # count tokens again during the recomputation.
-    cfg = cfg.replace(activation_checkpointing=args.ac)
-    _init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    ep = _check_args(args, cfg, world)
-    out = Path(args.out) if args.out else _default_out(_run_name(args), args.resume)
-    resume_from = _prepare_out(out, args.resume)
-    corpus = load_corpus(args.data, args.data_dtype)
-    for name, part in (("training", corpus.train), ("validation", corpus.val if args.val_every else None)):
-        if part is not None and part.size < args.seq_len:
-            raise ValueError(f"the {name} split of {corpus.description.split(':')[0]} holds {part.size} tokens, "
-                             f"fewer than one sequence (--seq-len {args.seq_len})")
-    if corpus.vocab_size > cfg.vocab_size:
-        raise ValueError(f"data has token ids up to {corpus.vocab_size - 1} but the model's vocab_size is "
-                         f"{cfg.vocab_size}")
-    # A resume is checked against what the checkpoint recorded before any weight is built or read.
-    train_state = (_check_resume(args, corpus, read_train_state(resume_from), resume_from)
-                   if resume_from is not None else _train_state(args, corpus))
-    device = local_device()
-
-    param_dtype = _param_dtype(args.mixed_precision, device)
-    # A resumed run's weights come from its own checkpoint; --init-from only starts a fresh run.
-    model = _build_model(cfg, args.seed, ep, device, param_dtype, args.init_from if resume_from is None else None)
-    optimizer = _make_optimizer(model, args)
-    start = 1
-    metrics_path = out / "metrics.jsonl"
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer)
-        start = state["step"] + 1
-        if rank == 0:
-            _trim_metrics(metrics_path, state["step"])
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        n_params = sum(p.numel() for p in model.parameters())
-        resumed = (f" (resumed from {resume_from.name})" if resume_from else
-                   f" (weights from {args.init_from})" if args.init_from else "")
-        precision = "bf16 compute" if param_dtype is not None else "fp32"
-        preset = args.preset or (Path(args.init_from) / "config.json" if args.init_from else "tiny")
-        print(f"tritonmoe train: preset {preset}, {n_params / 1e6:.2f}M params, world {world} "
-              f"({dist.get_backend()}), ep {ep} x edp {world // ep}, global batch {args.batch_size} x "
-              f"{args.seq_len}, {precision}, steps {start}..{args.steps}{resumed}\n  data: {corpus.description}\n"
-              f"  out: {out}", flush=True)
-
-    losses, val_loss, last_ckpt = {}, None, resume_from
-    tokens_per_step = args.batch_size * args.seq_len
-    metrics = open(metrics_path, "a") if rank == 0 else None
+    run = setup(argv)
+    if run is None:
+        return {"losses": {}, "val_loss": None, "out": None, "nothing_to_do": True}
+    args = run.args
+    losses, val_loss = {}, None
     try:
-        for step in range(start, args.steps + 1):
-            t0 = time.perf_counter()
-            lr = _lr_at(step, args)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            rows = batch(corpus.train, args.seed, step, args.batch_size, args.seq_len, rank, world, device)
-            loss, lm_loss, mtp_loss = _losses(model, rows)
-            loss.backward()
-            # Global gradient norm over dense and expert shards (clipped to --clip unless it is 0). The logged
-            # losses are means over the global batch: one all-reduce of the three scalars. Both come to the
-            # host in one copy, before the optimizer step, so that a non-finite value stops the run first.
-            grad_norm = clip_grad_norm_(model.parameters(), args.clip if args.clip > 0 else math.inf)
-            logged = torch.stack([loss.detach(), lm_loss.detach(), mtp_loss.detach()]).double()
-            dist.all_reduce(logged)
-            *logged, grad_norm = torch.cat([logged / world, grad_norm.double().view(1)]).tolist()
-            if not all(math.isfinite(v) for v in logged):
-                raise NonFiniteLossError(
-                    f"step {step}: loss is {logged[0]} (lm {logged[1]}, mtp {logged[2]}); stopped before the "
-                    f"optimizer step. Last good checkpoint: {last_ckpt or 'none'}")
-            if not math.isfinite(grad_norm):
-                raise NonFiniteLossError(
-                    f"step {step}: gradient norm is {grad_norm} (loss {logged[0]}); stopped before the optimizer "
-                    f"step. Last good checkpoint: {last_ckpt or 'none'}")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            counts = update_expert_bias(model)  # token counts summed over every rank
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            record = {"step": step, "loss": logged[0], "lm_loss": logged[1], "mtp_loss": logged[2],
-                      "tokens_per_s": tokens_per_step / dt, "lr": lr, "grad_norm": grad_norm}
-            if counts is not None:
-                load = counts.double()
-                record["max_load_ratio"] = (load.max(1).values / load.mean(1)).max().item()
-            record["memory_mb"] = _memory_mb(device)
+        for step in range(run.start, args.steps + 1):
+            t_step = time.perf_counter()
+            record = train_step(run, step)
             if args.val_every and (step % args.val_every == 0 or step == args.steps):
-                val_loss = record["val_loss"] = _validate(model, corpus, args, world, rank, device)
+                val_loss = record["val_loss"] = _validate(run)
+            if args.compile and step == run.start and run.rank == 0:
+                print(f"  torch.compile: step {step} took {time.perf_counter() - t_step:.1f} s, compiling included",
+                      flush=True)
             losses[step] = record["loss"]
-            if rank == 0:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                if step % args.log_every == 0 or step == args.steps or "val_loss" in record:
-                    print(f"step {step:5d}/{args.steps}  loss {record['loss']:.4f} (lm {record['lm_loss']:.4f}, "
-                          f"mtp {record['mtp_loss']:.4f})  {record['tokens_per_s']:,.0f} tok/s  "
-                          f"max/mean expert load {record.get('max_load_ratio', float('nan')):.2f}  "
-                          f"mem {record['memory_mb']:,.0f} MiB  lr {lr:.2e}"
-                          + (f"  val {record['val_loss']:.4f}" if "val_loss" in record else ""), flush=True)
+            if run.rank == 0:
+                _log(run, record)
             if on_step is not None:
-                on_step(step, model, record)
+                on_step(step, run.model, record)
             if (args.ckpt_every and step % args.ckpt_every == 0) or step == args.steps:
-                last_ckpt = save_checkpoint(out, step, model, optimizer, train_state, config=model_config)
+                run.last_ckpt = save_checkpoint(run.out, step, run.model, run.optimizer, run.train_state,
+                                                config=run.model_config)
     finally:
-        if metrics is not None:
-            metrics.close()
-    return {"losses": losses, "val_loss": val_loss, "out": str(out), "ep": ep, "world": world,
-            "last_checkpoint": str(last_ckpt) if last_ckpt else None}
+        if run.metrics is not None:
+            run.metrics.close()
+        if run.tensorboard is not None:
+            run.tensorboard.close()
+        if run.run_dir is not None:
+            run.run_dir.release()
+    return {"losses": losses, "val_loss": val_loss, "out": str(run.out), "ep": run.layout.ep,
+            "world": run.layout.world, "last_checkpoint": str(run.last_ckpt) if run.last_ckpt else None}
 
 
 def cli(argv: list[str] | None = None) -> int:

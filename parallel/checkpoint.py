@@ -203,12 +203,13 @@ def verify_checksums(path: str | os.PathLike) -> None:
         raise CheckpointError(f"{record}: unreadable ({type(e).__name__}); the checkpoint cannot be verified") from e
     missing = sorted(n for n in expected if not (path / n).is_file())
     if missing:
-        raise CheckpointError(f"checkpoint {path} is damaged: {missing[0]} is missing (listed in {CHECKSUM_FILE})")
+        raise CheckpointError(f"cannot load checkpoint {path}: {missing[0]} is missing (damaged: {CHECKSUM_FILE} "
+                              "lists it)")
     got = _gather_crcs(path, sorted(expected))
     bad = sorted(n for n in expected if got[n] != expected[n])
     if bad:
-        raise CheckpointError(f"checkpoint {path} is corrupt: {bad[0]} does not match the checksum recorded when it "
-                              f"was saved" + (f" (and {len(bad) - 1} more file(s))" if len(bad) > 1 else ""))
+        raise CheckpointError(f"cannot load checkpoint {path}: {bad[0]} does not match the checksum recorded when it "
+                              "was saved (corrupt)" + (f"; {len(bad) - 1} more file(s) too" if len(bad) > 1 else ""))
 
 
 def _rank() -> int:
@@ -233,16 +234,22 @@ def is_complete(path: str | os.PathLike) -> bool:
     return (Path(path) / ".metadata").is_file()
 
 
-def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
-    """The newest complete step_XXXXXXXX checkpoint in out_dir, or None. Temp dirs of crashed saves are
-    ignored (their names start with '.')."""
+def complete_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
+    """The complete step_XXXXXXXX checkpoints in out_dir, oldest first. Temp dirs of crashed saves are ignored
+    (their names start with '.'), and so is a step folder without DCP's .metadata or our meta.json (written last)."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
-        return None
+        return []
     found = sorted((int(m.group(1)), p) for p in out_dir.iterdir()
                    if (m := _STEP_DIR.match(p.name)) and p.is_dir() and is_complete(p) and
                    (p / "meta.json").is_file())
-    return found[-1][1] if found else None
+    return [p for _, p in found]
+
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint in out_dir (complete_checkpoints), or None."""
+    found = complete_checkpoints(out_dir)
+    return found[-1] if found else None
 
 
 def _rng_state() -> dict:
@@ -372,10 +379,11 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module,
     return dict(state["train"])
 
 
-def _check_model_entries(path: Path, sd: dict, strict: bool) -> None:
+def check_model_entries(path: str | os.PathLike, sd: dict, strict: bool = True) -> None:
     """Compare the checkpoint's "model" entries with the model's state dict (global shapes) before reading any
     tensor: one error naming the mismatched, missing and (strict) unexpected keys, instead of DCP's per-rank
-    tracebacks."""
+    tracebacks. `sd` may hold meta tensors (only shapes are read)."""
+    path = Path(path)
     md = _read_metadata(path, "cannot read checkpoint metadata of")
     stored = {k.removeprefix("model."): m for k, m in md.state_dict_metadata.items() if k.startswith("model.")}
     if not stored:
@@ -401,7 +409,7 @@ def load_model_weights(model: nn.Module, dcp_dir: str | os.PathLike, strict: boo
     _check_readable(path)
     verify_checksums(path)
     sd = get_model_state_dict(model)
-    _check_model_entries(path, sd, strict)
+    check_model_entries(path, sd, strict)
     load_dcp({"model": sd}, path, allow_partial_load=not strict, what="cannot load model weights from")
     set_model_state_dict(model, sd, options=StateDictOptions(strict=strict))
     return model

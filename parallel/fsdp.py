@@ -84,36 +84,56 @@ def expert_shard_placement(experts: nn.Module, edp: int):
 
 def apply_fsdp(model: nn.Module, dense_mesh: DeviceMesh, expert_mesh: DeviceMesh | None = None, *,
                param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype = torch.float32,
-               reshard_after_forward: bool = True, blocks: list[nn.Module] | None = None) -> nn.Module:
+               reshard_after_forward: bool = True, blocks: list[nn.Module] | None = None,
+               reduce: str = "mean") -> nn.Module:
     """fully_shard experts over expert_mesh["edp"], every block (default `find_blocks(model)`) and then
     the root over dense_mesh.
 
     param_dtype=torch.bfloat16 gives bf16 compute with fp32 master weights and fp32 gradient reduction
     (the GPU setting), routers excepted (their weights stay fp32, see the module docstring); None keeps the
-    parameters' dtype. Returns the model (now an FSDP module).
+    parameters' dtype. reduce="mean" (default) gives data-parallel gradients as the mean of the ranks' (each
+    rank's loss a mean over its own share); reduce="sum" sums them (each rank's loss already divided by the
+    global batch's count, as the trainer's are). Returns the model (now an FSDP module).
     """
+    if reduce not in ("mean", "sum"):
+        raise ValueError(f"apply_fsdp: reduce must be 'mean' or 'sum', got {reduce!r}")
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     world = dense_mesh.size()
     low_precision = param_dtype is not None and param_dtype != torch.float32
     keep = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=reduce_dtype)
     edp_mesh = None if expert_mesh is None else expert_mesh["edp"] if expert_mesh.ndim > 1 else expert_mesh
+    units = []  # (FSDP unit, its mesh)
     for _, moe in find_moe_layers(model):
         gate = getattr(moe, "gate", None)
         if low_precision and isinstance(gate, nn.Module) and any(True for _ in gate.parameters()):
             fully_shard(gate, mesh=dense_mesh, mp_policy=keep, reshard_after_forward=reshard_after_forward)
+            units.append((gate, dense_mesh))
         if edp_mesh is not None:
             fully_shard(moe.experts, mesh=edp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward,
                         shard_placement_fn=expert_shard_placement(moe.experts, edp_mesh.size()))
-            moe.experts.set_gradient_divide_factor(float(world))
-            if edp_mesh.size() > 1 and dist.get_backend(edp_mesh.get_group()) != "nccl":
-                # A custom factor uses NCCL's PREMUL_SUM; gloo has none: sum, then scale separately. Not
-                # with edp == 1: FSDP (torch 2.13) then skips the collective and divides by the factor
-                # itself, and forcing sum would divide a second time (measured: losses off by 4e-5 rel).
-                moe.experts.set_force_sum_reduction_for_comms(True)
+            # Under "mean", a sum over every rank divided by the world (see the module docstring).
+            units.append((moe.experts, edp_mesh, float(world)))
     for block in (find_blocks(model) if blocks is None else blocks):
         fully_shard(block, mesh=dense_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        units.append((block, dense_mesh))
     fully_shard(model, mesh=dense_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    units.append((model, dense_mesh))
+    for unit, mesh, *mean_factor in units:
+        if reduce == "sum":
+            _divide_gradients(unit, 1.0, mesh)
+        elif mean_factor:
+            _divide_gradients(unit, mean_factor[0], mesh)
     return model
+
+
+def _divide_gradients(unit: nn.Module, factor: float, mesh: DeviceMesh) -> None:
+    """Have FSDP divide `unit`'s own reduced gradients by `factor` (instead of averaging over its mesh)."""
+    unit.set_gradient_divide_factor(factor)
+    if mesh.size() > 1 and dist.get_backend(mesh.get_group()) != "nccl":
+        # A custom factor uses NCCL's PREMUL_SUM; gloo has none: sum, then scale separately. Not with a mesh of
+        # one: FSDP (torch 2.13) then skips the collective and divides by the factor itself, and forcing sum would
+        # divide a second time (measured: losses off by 4e-5 rel). A factor of 1 is safe either way.
+        unit.set_force_sum_reduction_for_comms(True)
 
 
 def _replication(t: torch.Tensor) -> int:
