@@ -134,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ac", action="store_true", help="activation checkpointing of every decoder block")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile every decoder block (fullgraph for the local MoE path)")
+                   help="torch.compile every decoder block (fullgraph; MoE blocks piece by piece around their FSDP "
+                        "units)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile")
     p.add_argument("--mixed-precision", default="auto", choices=["auto", "bf16", "none"],
                    help="bf16: bf16 compute, fp32 master weights, routers and gradient reduction; none: fp32 "
                         "throughout; auto (default): bf16 on GPUs, none on CPU")
@@ -380,15 +382,39 @@ def _make_optimizer(model, args) -> torch.optim.Optimizer:
                              lr=args.lr, betas=(0.9, 0.95), eps=1e-8, foreach=False)
 
 
-def _compile_blocks(model, fullgraph: bool) -> int:
-    """torch.compile each decoder block's computation (MTP blocks included), inside its FSDP unit and inside the
-    activation-checkpointing wrapper; returns how many were compiled."""
-    from .model import DecoderLayer
+def _compile_blocks(model, backend: str) -> int:
+    """torch.compile every decoder block's computation (MTP blocks included) with fullgraph=True, inside the
+    block's FSDP unit and inside activation checkpointing; returns the number of compiled regions.
 
-    blocks = [m for m in model.modules() if isinstance(m, DecoderLayer)]
-    for b in blocks:
-        b._block = torch.compile(b._block, fullgraph=fullgraph)
-    return len(blocks)
+    A dense block compiles whole. An MoE block holds FSDP units of its own (the experts; the router under bf16),
+    whose hooks dynamo does not trace, so (as torchtitan does) its pieces compile separately: attention and the
+    norms, the router, the experts, the shared experts, and the local dispatcher's dispatch and combine (route and
+    weighted unpermute: torch ops and our torch.library kernels, no graph break; `torch._dynamo.explain` on an
+    unsharded MoE layer shows none at all). The expert-parallel dispatcher stays eager: its all-to-all needs the
+    split sizes on the host."""
+    from .model import DecoderLayer
+    from .moe import LocalDispatcher, MoE
+
+    def compiled(fn):
+        return torch.compile(fn, fullgraph=True, backend=backend)
+
+    regions = 0
+    for layer in [m for m in model.modules() if isinstance(m, DecoderLayer)]:
+        moe = layer.mlp if isinstance(layer.mlp, MoE) else None
+        if moe is None:
+            layer._block = compiled(layer._block)
+            regions += 1
+            continue
+        for m in (layer.input_layernorm, layer.self_attn, layer.post_attention_layernorm, moe.gate, moe.experts,
+                  moe.shared_experts):
+            if m is not None:
+                m.forward = compiled(m.forward)
+                regions += 1
+        if isinstance(moe.dispatcher, LocalDispatcher):
+            moe.dispatcher.dispatch = compiled(moe.dispatcher.dispatch)
+            moe.dispatcher.combine = compiled(moe.dispatcher.combine)
+            regions += 2
+    return regions
 
 
 def _plan_attention(model, device: torch.device, dtype: torch.dtype) -> str:
@@ -529,7 +555,7 @@ def setup(argv: list[str] | None = None) -> Run | None:
         if resume_from is not None:
             start = load_checkpoint(resume_from, model, optimizer)["step"] + 1
         if args.compile:
-            _compile_blocks(model, fullgraph=layout.ep == 1)
+            _compile_blocks(model, args.compile_backend)
         t_build = time.perf_counter()
 
         if rank == 0:

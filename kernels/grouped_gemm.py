@@ -271,9 +271,14 @@ def _check_sizes(group_sizes: torch.Tensor, M: int) -> None:
 # with w detached and take dW from a separate autograd node (_WeightGradLink): the input gradient and the weight
 # gradient are then two nodes, and a zero-bubble pipeline schedule, which runs an input-gradient pass and a
 # weight-gradient pass over the same graph, runs each GEMM once per pass instead of both GEMMs in both passes.
+# On the twin backend the ops compute with the twins: eager CPU calls never get here (they differentiate the
+# twin itself), but a torch.compile'd graph does, so that the twin's host read of the group sizes happens inside
+# an op the graph does not trace (no graph break on the CPU path).
 
 @torch.library.custom_op("tritonmoe::grouped_mm", mutates_args=())
 def _grouped_mm_op(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
+    if backend_for(x) is Backend.TWIN:
+        return grouped_gemm_torch(x, w, group_sizes)
     return _grouped_mm_launch(x, w, group_sizes)
 
 
@@ -285,6 +290,8 @@ def _(x, w, group_sizes):
 @torch.library.custom_op("tritonmoe::grouped_mm_wgrad", mutates_args=())
 def _grouped_mm_wgrad_op(dy: torch.Tensor, x: torch.Tensor, group_sizes: torch.Tensor,
                          x_rows: torch.Tensor | None = None) -> torch.Tensor:
+    if backend_for(x) is Backend.TWIN:
+        return _wgrad_twin(dy, x if x_rows is None else x.index_select(0, x_rows), group_sizes)
     return _grouped_mm_wgrad_launch(dy, x, group_sizes, group_sizes.shape[0], x_rows=x_rows)
 
 
@@ -317,6 +324,8 @@ def _gather_grouped_mm_op(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.T
                           row_map: torch.Tensor) -> torch.Tensor:
     """y [M, N]: y[m] = x[src_rows[m]] @ w[g(m)].T. row_map [S, C] is src_rows' inverse (used by the
     backward): every row m appears in it exactly once, at a position (s, c) with src_rows[m] = s."""
+    if backend_for(x) is Backend.TWIN:
+        return gather_grouped_gemm_torch(x, w, group_sizes, src_rows, row_map)
     return _grouped_mm_launch(x, w, group_sizes, a_rows=src_rows)
 
 
@@ -404,7 +413,7 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) ->
     """
     _check_args(x, w, group_sizes)
     _check_sizes(group_sizes, x.shape[0])
-    if backend_for(x) is Backend.TWIN:
+    if backend_for(x) is Backend.TWIN and not torch.compiler.is_compiling():
         return grouped_gemm_torch(x, w, group_sizes)
     return _grouped_gemm_kernels(x, w, group_sizes)
 
@@ -454,7 +463,7 @@ def gather_grouped_gemm_unchecked(x: torch.Tensor, w: torch.Tensor, group_sizes:
                                   src: SourceRows) -> torch.Tensor:
     """gather_grouped_gemm for callers whose index pair is right by construction (``route``, the expert-parallel
     dispatcher): no value checks (the inverse-map check alone is a bincount over every row on CPU)."""
-    if backend_for(x) is Backend.TWIN:
+    if backend_for(x) is Backend.TWIN and not torch.compiler.is_compiling():
         return gather_grouped_gemm_torch(x, w, group_sizes, src.index, src.inverse)
     return _gather_grouped_gemm_kernels(x, w, group_sizes, src.index, src.inverse)
 
@@ -485,6 +494,13 @@ def permute_grouped_gemm(x: torch.Tensor, topk_idx: torch.Tensor, w: torch.Tenso
     src = SourceRows(src_rows, row_map)
     _check_args(x, w, group_sizes)
     return gather_grouped_gemm_unchecked(x, w, group_sizes, src), group_sizes, src.inverse
+
+
+def _wgrad_twin(dy: torch.Tensor, x: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
+    """dw[g] = dy[rows g].T @ x[rows g] in fp32, rounded once to x.dtype; zeros for empty groups (no autograd)."""
+    sizes = group_sizes.tolist()
+    dw = [torch.mm(dy_g.float().t(), x_g.float()) for dy_g, x_g in zip(dy.split(sizes), x.split(sizes))]
+    return torch.stack(dw).to(x.dtype) if dw else x.new_zeros(0, dy.shape[1], x.shape[1])
 
 
 def grouped_gemm_torch(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:

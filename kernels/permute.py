@@ -156,7 +156,10 @@ def _(x, row_map):
 
 @torch.library.custom_op("tritonmoe::unpermute", mutates_args=())
 def _unpermute_op(y_sorted: torch.Tensor, row_map: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
-    """y [T, H]: y[t] = sum_j (w[t, j] *) y_sorted[row_map[t, j]], summed in fp32."""
+    """y [T, H]: y[t] = sum_j (w[t, j] *) y_sorted[row_map[t, j]], summed in fp32. On the twin backend (the gather
+    GEMM's backward inside a compiled CPU graph) the twin computes it."""
+    if backend_for(y_sorted) is Backend.TWIN:
+        return unpermute_torch(y_sorted, row_map, w)
     return _gather_rows(y_sorted, row_map, w)
 
 
