@@ -19,9 +19,15 @@ setup(
     packages=list(SUBPACKAGES),
     install_requires=[
         "torch>=2.6",
+        "numpy",  # the trainer's data (token files are memory-mapped arrays)
         "safetensors",
         # Triton ships wheels for Linux only; elsewhere the PyTorch twins of every kernel run.
         "triton; platform_system == 'Linux'",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark", "transformers>=5"]},
+    extras_require={
+        "data": ["tokenizers>=0.15"],          # python -m tritonmoe.dsv3.data prepare, generate --tokenizer
+        "tensorboard": ["tensorboard"],        # train --tensorboard
+        "plot": ["matplotlib"],                # python -m tritonmoe.dsv3.plot
+        "test": ["pytest", "pytest-benchmark", "transformers>=5", "tokenizers>=0.15", "tensorboard", "matplotlib"],
+    },
 )

@@ -33,7 +33,8 @@ FSDP reduce-scatters after every micro-batch (least memory); --accum-no-sync kee
 last one and reduces once (set_requires_gradient_sync): less communication, more memory.
 
 Output: one human line per step (rank 0) and one JSON object per step in DIR/metrics.jsonl: step, loss, lm_loss,
-mtp_loss, seq_aux_loss, tokens_per_s, tokens_per_s_per_device, lr, grad_norm, memory_mb, micro_batches, layer_load
+mtp_loss, seq_aux_loss, tokens (trained so far), tokens_per_s, tokens_per_s_per_device, lr, grad_norm, memory_mb,
+micro_batches, batch_size, mtp_weight, layer_load
 (per MoE layer, MTP layers included: max/mean and min/mean token load, idle experts), max_load_ratio, mfu (CUDA),
 val_loss on validation steps, expert_counts every --load-every steps and at the last step; the first line this run
 writes also records the layout. --tensorboard writes the same to DIR/tb. MFU = tokens/s per device * FLOPs per
@@ -690,7 +691,7 @@ def train_step(run: Run, step: int) -> dict:
     record = {"step": step, "loss": loss, "lm_loss": lm_loss, "mtp_loss": mtp_loss, "seq_aux_loss": aux_loss,
               "tokens_per_s": tokens / dt, "tokens_per_s_per_device": tokens / dt / run.layout.world, "lr": lr,
               "grad_norm": grad_norm, "memory_mb": _memory_mb(device), "micro_batches": len(micro),
-              "batch_size": B, "mtp_weight": mtp_weight}
+              "batch_size": B, "tokens": tokens_before + tokens, "mtp_weight": mtp_weight}
     if run.peak_flops:
         record["mfu"] = record["tokens_per_s_per_device"] * run.flops_per_token / run.peak_flops
     if counts is not None:
