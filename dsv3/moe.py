@@ -38,8 +38,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import (SourceRows, gather_grouped_gemm_unchecked, grouped_gemm, route, swiglu,
-                       unpermute_unchecked)
+from ..kernels import (Fp8WeightCache, SourceRows, gather_grouped_gemm_unchecked, grouped_gemm, grouped_linear_fp8,
+                       route, swiglu, unpermute_unchecked)
 from .config import DeepseekV3Config
 from .init import InitRule, build_then_init, init_weights_
 
@@ -183,13 +183,22 @@ class GroupedExperts(nn.Module):
     forward(x_in, group_sizes_L, src_rows=None) -> y_RH: the experts' rows grouped by local expert, group l
     holding group_sizes_L[l] rows. Without src_rows, row r is x_in[r]; with it (kernels.SourceRows), row r is
     x_in[src_rows.index[r]], read by the gate/up GEMM in its operand loads, so no gathered copy is written or
-    kept for the backward. Called through __call__, so FSDP's hooks gather the weights first."""
+    kept for the backward. Called through __call__, so FSDP's hooks gather the weights first.
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, std: float = 0.02):
+    fp8=True runs both GEMMs, forward and backward, in FP8 E4M3 with DeepSeek-V3's fine-grained scales
+    (kernels.grouped_linear_fp8: 1x128 activation tiles, 128x128 weight blocks, fp32 accumulation promoted every
+    128): the master weights stay as they are, the activations saved for the backward are kept in FP8. The
+    weights are quantized after FSDP's all-gather, once per training step when `fp8_cache` (a
+    kernels.Fp8WeightCache the trainer scopes to each step) is set, else at every call."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, std: float = 0.02,
+                 fp8: bool = False):
         super().__init__()
         self.num_experts, self.intermediate_size, self.std = num_experts, intermediate_size, std
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.fp8 = fp8
+        self.fp8_cache: Fp8WeightCache | None = None
 
     def init_rule(self, name: str) -> InitRule:
         return InitRule("normal", self.std)
@@ -197,6 +206,12 @@ class GroupedExperts(nn.Module):
     def forward(self, x_in: torch.Tensor, group_sizes_L: torch.Tensor,
                 src_rows: SourceRows | None = None) -> torch.Tensor:
         w13_L2IH = _local(self.gate_up_proj)
+        if self.fp8:
+            h_R2I = grouped_linear_fp8(x_in, w13_L2IH, group_sizes_L, *(() if src_rows is None else
+                                                                        (src_rows.index, src_rows.inverse)),
+                                       weight_cache=self.fp8_cache)
+            return grouped_linear_fp8(swiglu(h_R2I), _local(self.down_proj), group_sizes_L,
+                                      weight_cache=self.fp8_cache)
         if src_rows is None:
             h_R2I = grouped_gemm(x_in, w13_L2IH, group_sizes_L)  # one GEMM for gate and up together
         else:
@@ -234,7 +249,7 @@ class LocalDispatcher:
 class MoE(nn.Module):
     """The drop-in DeepSeek-V3 MoE layer: y = moe(x), x [B,S,H] or [T,H], y.shape == x.shape."""
 
-    def __init__(self, cfg: DeepseekV3Config):
+    def __init__(self, cfg: DeepseekV3Config, fp8: bool = False):
         super().__init__()
         if cfg.n_routed_experts < 1:
             raise ValueError(f"MoE: n_routed_experts must be >= 1, got {cfg.n_routed_experts}")
@@ -244,7 +259,7 @@ class MoE(nn.Module):
         with build_then_init(self, cfg.initializer_range):
             self.gate = Router(cfg)
             self.experts = GroupedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size,
-                                          cfg.initializer_range)
+                                          cfg.initializer_range, fp8=fp8)
             self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                    if cfg.n_shared_experts else None)
         self.dispatcher = LocalDispatcher(cfg.n_routed_experts)
@@ -269,6 +284,15 @@ class MoE(nn.Module):
 def routers(model: nn.Module) -> list[Router]:
     """Every Router in `model`, in module order (MTP layers included)."""
     return [m for m in model.modules() if isinstance(m, Router)]
+
+
+def enable_fp8(model: nn.Module, cache: Fp8WeightCache | None = None) -> int:
+    """Run every routed-expert GEMM of `model` in FP8 (GroupedExperts.fp8), sharing `cache`; returns how many
+    expert modules were switched."""
+    experts = [m for m in model.modules() if isinstance(m, GroupedExperts)]
+    for m in experts:
+        m.fp8, m.fp8_cache = True, cache
+    return len(experts)
 
 
 def set_seq_aux_denominator(model: nn.Module, num_seqs: int | None) -> None:
@@ -304,4 +328,4 @@ def update_expert_bias(model: nn.Module, group=None, rate: float | None = None) 
 
 
 __all__ = ["MoE", "Router", "GroupedExperts", "LocalDispatcher", "LocalRouting", "MLP", "AddAuxiliaryLoss",
-           "sequence_balance_loss", "update_expert_bias", "routers", "set_seq_aux_denominator"]
+           "sequence_balance_loss", "update_expert_bias", "routers", "set_seq_aux_denominator", "enable_fp8"]

@@ -60,6 +60,7 @@ which the NaN/inf stop needs), and one after it (the state check, the expert loa
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -138,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile every decoder block (fullgraph; MoE blocks piece by piece around their FSDP "
                         "units)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile")
+    p.add_argument("--fp8", action="store_true",
+                   help="routed experts' GEMMs (forward, dgrad, wgrad) in FP8 E4M3 with DeepSeek-V3's 1x128 / 128x128 "
+                        "scales; shared experts, attention and the head stay in the compute dtype")
     p.add_argument("--mixed-precision", default="auto", choices=["auto", "bf16", "none"],
                    help="bf16: bf16 compute, fp32 master weights, routers and gradient reduction; none: fp32 "
                         "throughout; auto (default): bf16 on GPUs, none on CPU")
@@ -476,6 +480,7 @@ class Run:
     last_ckpt: Path | None
     flops_per_token: float
     peak_flops: float | None           # per device, for MFU (None: not on a known GPU)
+    fp8_cache: object | None = None    # --fp8: the experts' weights quantized once per step
     tensorboard: object | None = None
     metrics: object | None = None      # rank 0: metrics.jsonl opened for appending
     timings: dict = field(default_factory=dict)
@@ -552,6 +557,13 @@ def setup(argv: list[str] | None = None) -> Run | None:
                              args.init_from if resume_from is None else None)
         optimizer = _make_optimizer(model, args)
         attention = _plan_attention(model, device, param_dtype or torch.float32)
+        fp8_cache = None
+        if args.fp8:
+            from ..kernels import Fp8WeightCache
+            from .moe import enable_fp8
+
+            fp8_cache = Fp8WeightCache()
+            enable_fp8(model, fp8_cache)
         start, last_ckpt = 1, resume_from
         if resume_from is not None:
             start = load_checkpoint(resume_from, model, optimizer)["step"] + 1
@@ -570,7 +582,7 @@ def setup(argv: list[str] | None = None) -> Run | None:
                   optimizer=optimizer, device=device, rank=rank, start=start, out=out, run_dir=run_dir,
                   train_state=train_state, model_config=model_config, last_ckpt=last_ckpt,
                   flops_per_token=flops_per_token(cfg, args.seq_len),
-                  peak_flops=peak_flops(device, args.peak_tflops, PEAK_TFLOPS))
+                  peak_flops=peak_flops(device, args.peak_tflops, PEAK_TFLOPS), fp8_cache=fp8_cache)
         if rank == 0:
             run.metrics = open(run_dir.metrics_path, "a")
             if args.tensorboard:
@@ -642,6 +654,20 @@ def _nonfinite(run: Run, step: int, what: str) -> NonFiniteLossError:
                               f"{run.last_ckpt or 'none'}")
 
 
+def _forward_backward(run: Run, micro: tuple, n_main: torch.Tensor, mtp_weight: float, sums: torch.Tensor) -> None:
+    """Forward and backward of every micro-batch of this rank's share; adds the detached losses to `sums`."""
+    for j, mb in enumerate(micro):
+        if run.args.accum_no_sync and len(micro) > 1:
+            run.model.set_requires_gradient_sync(j == len(micro) - 1)
+        out = run.model(mb, labels=mb, loss_denominator=n_main)
+        mtp = out.mtp_loss if out.mtp_loss is not None else out.lm_loss.new_zeros(())
+        objective = out.lm_loss + mtp_weight * mtp
+        objective.backward()  # the sequence-wise term reaches the gradients inside the routers
+        aux = out.aux_loss.detach().double() if out.aux_loss is not None else sums.new_zeros(())
+        sums += torch.stack([objective.detach().double() + aux, out.lm_loss.detach().double(),
+                             mtp.detach().double(), aux])
+
+
 def train_step(run: Run, step: int) -> dict:
     """Train step `step` (see the module docstring); returns its metrics record."""
     args, cfg, model, device = run.args, run.cfg, run.model, run.device
@@ -659,16 +685,8 @@ def train_step(run: Run, step: int) -> dict:
     dist.all_reduce(n_main)
     set_seq_aux_denominator(model, B)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, lm, mtp, seq-aux
-    for j, mb in enumerate(micro):
-        if args.accum_no_sync and len(micro) > 1:
-            model.set_requires_gradient_sync(j == len(micro) - 1)
-        out = model(mb, labels=mb, loss_denominator=n_main)
-        mtp = out.mtp_loss if out.mtp_loss is not None else out.lm_loss.new_zeros(())
-        objective = out.lm_loss + mtp_weight * mtp
-        objective.backward()  # the sequence-wise term reaches the gradients inside the routers
-        aux = out.aux_loss.detach().double() if out.aux_loss is not None else sums.new_zeros(())
-        sums += torch.stack([objective.detach().double() + aux, out.lm_loss.detach().double(),
-                             mtp.detach().double(), aux])
+    with run.fp8_cache.step() if run.fp8_cache is not None else contextlib.nullcontext():
+        _forward_backward(run, micro, n_main, mtp_weight, sums)
     # Global gradient norm over dense and expert shards (clipped to --clip unless it is 0), and the step's losses
     # summed over ranks: one host copy, before the optimizer step, so that a non-finite value stops the run first.
     grad_norm = clip_grad_norm_(model.parameters(), args.clip if args.clip > 0 else math.inf)
@@ -731,7 +749,7 @@ def _log(run: Run, record: dict) -> None:
     args, step = run.args, record["step"]
     if not run.wrote_layout:
         record = {**record, "world": run.layout.world, "ep": run.layout.ep, "pp": 1, "pp_schedule": None,
-                  "fp8": False, "compiled": args.compile}
+                  "fp8": args.fp8, "compiled": args.compile}
         run.wrote_layout = True
     run.metrics.write(json.dumps(record) + "\n")
     run.metrics.flush()

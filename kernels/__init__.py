@@ -29,6 +29,10 @@ if (_installed := _installed_self()) is not None:
     sys.modules[__name__] = _installed
 else:
     from ._backend import Backend, backend_for, force_twins
+    from .fp8 import (Fp8Weight, Fp8WeightCache, grouped_gemm_fp8, grouped_gemm_fp8_torch, grouped_gemm_fp8_wgrad,
+                      grouped_gemm_fp8_wgrad_torch, grouped_linear_fp8, grouped_linear_fp8_torch, quantize_fp8_blocks,
+                      quantize_fp8_blocks_torch, quantize_fp8_cols, quantize_fp8_cols_torch, quantize_fp8_rows,
+                      quantize_fp8_rows_torch, quantize_fp8_weight)
     from .grouped_gemm import (gather_grouped_gemm, gather_grouped_gemm_torch, gather_grouped_gemm_unchecked,
                                grouped_gemm, grouped_gemm_torch, permute_grouped_gemm)
     from .permute import SourceRows, permute, permute_torch, route, unpermute, unpermute_torch, unpermute_unchecked
@@ -36,16 +40,31 @@ else:
 
 __all__ = [
     "Backend",
+    "Fp8Weight",
+    "Fp8WeightCache",
     "SourceRows",
     "backend_for",
     "force_twins",
     "gather_grouped_gemm",
     "gather_grouped_gemm_torch",
+    "grouped_gemm_fp8",
+    "grouped_gemm_fp8_torch",
+    "grouped_gemm_fp8_wgrad",
+    "grouped_gemm_fp8_wgrad_torch",
+    "grouped_linear_fp8",
+    "grouped_linear_fp8_torch",
     "grouped_gemm",
     "grouped_gemm_torch",
     "permute",
     "permute_grouped_gemm",
     "permute_torch",
+    "quantize_fp8_blocks",
+    "quantize_fp8_blocks_torch",
+    "quantize_fp8_cols",
+    "quantize_fp8_cols_torch",
+    "quantize_fp8_rows",
+    "quantize_fp8_rows_torch",
+    "quantize_fp8_weight",
     "route",
     "swiglu",
     "swiglu_torch",

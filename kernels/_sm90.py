@@ -45,7 +45,7 @@ class Sm90Report:
     registers: int  # registers per thread (cuobjdump -res-usage REG)
     spill_bytes: int  # stack + local memory per thread (STACK + LOCAL); 0 means no spills
     local_ops: int  # LDL/STL instructions in the SASS (local-memory traffic, i.e. spills)
-    hgmma: int  # HGMMA (wgmma) instructions in the SASS; 0 means tl.dot fell back to mma.sync or FMA
+    hgmma: int  # wgmma instructions in the SASS (HGMMA: 16-bit operands, QGMMA: FP8); 0: mma.sync or FMA
     shared_bytes: int  # shared memory a launch needs (Triton's metadata, dynamic + static)
     ptx: str = field(repr=False)  # PTX text, for grepping (e.g. ld.global.v4 for 16-byte accesses)
     sass: str = field(repr=False)  # SASS text from cuobjdump -sass
@@ -149,7 +149,7 @@ def _compile_here(job: Sm90Job) -> Sm90Report:
         registers=int(res["REG"]),
         spill_bytes=int(res.get("STACK", 0)) + int(res.get("LOCAL", 0)),
         local_ops=len(re.findall(r"\b(?:LDL|STL)\b", sass)),
-        hgmma=len(re.findall(r"\bHGMMA\.", sass)),
+        hgmma=len(re.findall(r"\b[HQ]GMMA\.", sass)),
         shared_bytes=int(compiled.metadata.shared),
         ptx=compiled.asm["ptx"],
         sass=sass,

@@ -118,89 +118,6 @@ def _pinned_config() -> Fp8GemmConfig | None:
     return cfg
 
 
-def sm90_compile_jobs() -> list:
-    """(pass, config, ``_sm90.Sm90Job``) for every kernel and config this family launches on Hopper,
-    specialised as Triton's launcher would for DeepSeek-V3's gate/up projection (D=7168 -> N=4096, G=8,
-    M=4099 rows, not a multiple of 16): arguments equal to 1 become constants, pointers and integers that are
-    multiples of 16 get divisibility 16. Passes: fwd, fwd-gather (rows of x through src_rows), dgrad (the
-    weight's K-major transposed copy), dgrad-strided (w_fp8.transpose(1, 2) read through strides, one
-    config, for the record), wgrad, and the three quantizers. For tests/test_fp8.py and bench/NOTES.md."""
-    from ._sm90 import Sm90Job
-
-    M, N, D, G = 4099, 4096, 7168, 8
-    nb, db, tiles = _cdiv(N, BLOCK), _cdiv(D, BLOCK), _col_tiles(M, G)
-
-    def job(kernel, args: dict, constexprs: dict, warps: int, stages: int) -> Sm90Job:
-        sig, consts, aligned = {}, dict(constexprs), []
-        for name in kernel.arg_names:
-            if name in constexprs:
-                sig[name] = "constexpr"
-                continue
-            value = args[name]
-            if isinstance(value, str):  # a pointer: its Triton type
-                sig[name] = value
-                aligned.append(name)
-            elif value == 1:
-                sig[name], consts[name] = "constexpr", 1
-            else:
-                sig[name] = "i32"
-                if value % 16 == 0:
-                    aligned.append(name)
-        return Sm90Job(kernel, sig, consts, tuple(aligned), warps, stages)
-
-    gemm_ptrs = dict(a_ptr="*fp8e4nv", a_scale_ptr="*fp32", a_rows_ptr="*i64", b_ptr="*fp8e4nv",
-                     b_scale_ptr="*fp32", out_ptr="*bf16", group_sizes_ptr="*i64")
-    # b strides (g, n, d) and b-scale strides (g, n-block, d-block) for each way the kernel reads the weight.
-    layouts = {
-        "fwd": (N, D, (N * D, D, 1), (nb * db, db, 1), False),
-        "fwd-gather": (N, D, (N * D, D, 1), (nb * db, db, 1), True),
-        "dgrad": (D, N, (N * D, N, 1), (nb * db, 1, db), False),
-        "dgrad-strided": (D, N, (N * D, 1, D), (nb * db, 1, db), False),
-    }
-    jobs = []
-    for layout, (n_out, d_red, (bg, bn, bd), (sg, sn, sd), gather) in layouts.items():
-        configs = forward_configs()[:1] if layout == "dgrad-strided" else forward_configs()
-        for cfg in configs:
-            args = gemm_ptrs | dict(M=M, N=n_out, D=d_red, G=G, stride_am=d_red, stride_ad=1,
-                                    stride_asm=_cdiv(d_red, BLOCK), stride_asd=1, stride_bg=bg, stride_bn=bn,
-                                    stride_bd=bd, stride_bsg=sg, stride_bsn=sn, stride_bsd=sd, stride_om=n_out,
-                                    stride_on=1)
-            consts = dict(BLOCK_G=triton.next_power_of_2(G), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                          BLOCK_D=BLOCK, SWIZZLE_M=SWIZZLE_M, GATHER_A=gather, UPCAST=False, INTERPRET=False)
-            jobs.append((layout, cfg, job(grouped_mm_fp8_kernel, args, consts, cfg.num_warps, cfg.num_stages)))
-    for cfg in wgrad_configs():
-        args = dict(dyt_ptr="*fp8e4nv", dyt_scale_ptr="*fp32", xt_ptr="*fp8e4nv", xt_scale_ptr="*fp32",
-                    dw_ptr="*fp32", group_sizes_ptr="*i64", N=N, D=D, G=G, TILES=tiles, stride_dyn=BLOCK * tiles,
-                    stride_dys=N, stride_xd=BLOCK * tiles, stride_xs=D, stride_dwg=N * D, stride_dwn=D, stride_dwd=1)
-        consts = dict(BLOCK_G=triton.next_power_of_2(G), BLOCK_M=BLOCK, BLOCK_N=cfg.block_m, BLOCK_D=cfg.block_n,
-                      UPCAST=False, INTERPRET=False)
-        jobs.append(("wgrad", cfg, job(grouped_mm_fp8_wgrad_kernel, args, consts, cfg.num_warps, cfg.num_stages)))
-    # The quantizers, as their launchers issue them (tile and warps fixed, no autotuning).
-    rows = Fp8GemmConfig(_QUANT_ROWS_BLOCK_M, BLOCK, 4, 1)
-    jobs.append(("quant-rows", rows, job(
-        quantize_rows_kernel, dict(x_ptr="*bf16", q_ptr="*fp8e4nv", s_ptr="*fp32", M=M, D=D, stride_xm=D,
-                                   stride_xd=1, stride_qm=D, stride_sm=db),
-        dict(BLOCK_M=rows.block_m, BLOCK_D=BLOCK, INTERPRET=False), 4, 1)))
-    blocks = Fp8GemmConfig(BLOCK, BLOCK, 8, 1)
-    jobs.append(("quant-blocks", blocks, job(
-        quantize_blocks_kernel, dict(w_ptr="*bf16", q_ptr="*fp8e4nv", qt_ptr="*fp8e4nv", s_ptr="*fp32", N=N, D=D,
-                                     stride_wg=N * D, stride_wn=D, stride_wd=1),
-        dict(BLOCK=BLOCK, WRITE_T=True, INTERPRET=False), 8, 1)))
-    cols_ptrs = dict(x_ptr="*bf16", x_scale_ptr="*fp32", rows_ptr="*i64", qt_ptr="*fp8e4nv", st_ptr="*fp32",
-                     qr_ptr="*fp8e4nv", sr_ptr="*fp32", group_sizes_ptr="*i64")
-    for layout, c, src, scaled, gather, write_rows in (("quant-cols-dy", N, "*bf16", False, False, True),
-                                                       ("quant-cols-x", D, "*fp8e4nv", True, True, False)):
-        args = cols_ptrs | dict(x_ptr=src, M=M, C=c, G=G, stride_xm=c, stride_xc=1, stride_xsm=_cdiv(c, BLOCK),
-                                stride_xsc=1, stride_qtc=BLOCK * tiles, stride_st=c, stride_qrm=c,
-                                stride_srm=_cdiv(c, BLOCK))
-        cfg = Fp8GemmConfig(BLOCK, BLOCK, 8, 1)
-        jobs.append((layout, cfg, job(quantize_cols_kernel, args, dict(
-            BLOCK_G=triton.next_power_of_2(G), BLOCK_M=BLOCK, BLOCK_C=BLOCK, CHUNK_M=_QUANT_COLS_CHUNK_M,
-            SRC_SCALED=scaled, GATHER=gather,
-            WRITE_ROWS=write_rows, INTERPRET=False), 8, 1)))
-    return jobs
-
-
 # ----------------------------------------------------------------------------------------------- launchers
 # Launchers allocate (or take a pre-filled ``out``, which tests poison with NaN), pick tiles and launch. They
 # never read group sizes on the host; user input is validated by the public functions and ops.
@@ -478,7 +395,7 @@ def _(w):
 def _quantize_weight_op(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(w_fp8 [G, N, D], scale, w_fp8 transposed [G, D, N] contiguous): the input gradient's K-major copy,
     written by the same pass. fp8 wgmma reads K-major operands only: read through strides instead
-    (sm90_compile_jobs' dgrad-strided), Triton 3.9 keeps cp.async for dY alone and transposes each weight
+    (_sm90_jobs.fp8_jobs' dgrad-strided), Triton 3.9 keeps cp.async for dY alone and transposes each weight
     tile in registers (48 byte permutes and 72 shared stores per step in the PTX, against 8)."""
     if _twin(w):
         q, s = quantize_fp8_blocks_torch(w)

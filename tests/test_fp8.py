@@ -628,7 +628,9 @@ def test_value_errors(call, msg):
 def sm90_reports():
     from tritonmoe.kernels._sm90 import compile_sm90_all
 
-    jobs = F.sm90_compile_jobs()
+    from tritonmoe.kernels._sm90_jobs import fp8_jobs
+
+    jobs = fp8_jobs()
     reports = compile_sm90_all([job for _, _, job in jobs])  # one call: child processes are slow to start
     rows = []
     for (layout, cfg, _), rep in zip(jobs, reports):
