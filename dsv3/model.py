@@ -334,27 +334,32 @@ class DeepseekV3ForCausalLM(nn.Module):
             if B == 0:
                 raise ValueError(f"input_ids of shape {tuple(input_ids.shape)} hold no sequence to score")
         h, emb, cos, sin = self.model(input_ids)
-        logits = self.head(self.model.norm(h))
+        logits, mtp_logits = self.outputs(h, emb, cos, sin, with_mtp=labels is not None)
         if labels is None:
             return CausalLMOutput(logits=logits)
-        N = (labels[:, 1:] != -100).sum() if loss_denominator is None else loss_denominator
-        lm_loss = _shifted_ce_sum(logits, labels, 1) / N
-        mtp_losses, mtp_logits = [], []
-        for k, mtp in enumerate(self.model.mtp):
-            d = k + 1  # depth d sees tokens up to i+d and predicts token i+d+1; S-d positions remain
-            h = mtp(emb[:, d:], h[:, : S - d], cos[: S - d], sin[: S - d])
-            lg = self.head(mtp.norm(h))
-            mtp_losses.append(_shifted_ce_sum(lg, labels, d + 1) / N)
-            mtp_logits.append(lg[:, :-1])
+        lm_loss, mtp_loss = causal_lm_losses(logits, mtp_logits, labels, loss_denominator)
         out = CausalLMOutput(logits=logits, lm_loss=lm_loss, loss=lm_loss)
-        if mtp_losses:
-            out.mtp_loss = torch.stack(mtp_losses).mean()
-            out.mtp_logits = mtp_logits
-            out.loss = lm_loss + self.config.mtp_loss_weight * out.mtp_loss
+        if mtp_loss is not None:
+            out.mtp_loss = mtp_loss
+            out.mtp_logits = [lg[:, :-1] for lg in mtp_logits]
+            out.loss = lm_loss + self.config.mtp_loss_weight * mtp_loss
         aux = [r.last_aux_loss for r in routers(self) if r.last_aux_loss is not None]
         if aux:
             out.aux_loss = torch.stack(aux).sum()
         return out
+
+    def outputs(self, h: torch.Tensor, emb: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                with_mtp: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(main logits [B,S,V], MTP depth d's logits [B,S-d,V] for d = 1..D) from the decoder stack's hidden
+        states h (before the final norm) and the token embeddings emb. A pipeline's last stage calls this too."""
+        S = h.shape[1]
+        logits = self.head(self.model.norm(h))
+        mtp_logits = []
+        for k, mtp in enumerate(self.model.mtp if with_mtp else ()):
+            d = k + 1  # depth d sees tokens up to i+d and predicts token i+d+1; S-d positions remain
+            h = mtp(emb[:, d:], h[:, : S - d], cos[: S - d], sin[: S - d])
+            mtp_logits.append(self.head(mtp.norm(h)))
+        return logits, mtp_logits
 
     # ------------------------------------------------------------------------------ HF checkpoint I/O
     @classmethod
@@ -368,6 +373,19 @@ class DeepseekV3ForCausalLM(nn.Module):
         """Write the Hugging Face layout (config.json + safetensors) that transformers loads."""
         from .checkpoint import save_pretrained
         save_pretrained(self, out_dir)
+
+
+def causal_lm_losses(logits: torch.Tensor, mtp_logits: list[torch.Tensor], labels: torch.Tensor,
+                     loss_denominator: torch.Tensor | float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(lm_loss, mtp_loss or None) as DeepseekV3ForCausalLM.forward defines them (report eq. 24-25): summed
+    cross-entropies of the main head and of each MTP depth d (mtp_logits[d-1] scores labels[i+d+1]), each divided
+    by N = the valid main-head targets (or `loss_denominator`); mtp_loss is the mean over depths."""
+    N = (labels[:, 1:] != -100).sum() if loss_denominator is None else loss_denominator
+    lm_loss = _shifted_ce_sum(logits, labels, 1) / N
+    if not mtp_logits:
+        return lm_loss, None
+    return lm_loss, torch.stack([_shifted_ce_sum(lg, labels, d + 1) / N
+                                 for d, lg in enumerate(mtp_logits, start=1)]).mean()
 
 
 def _shifted_ce_sum(logits_BLV: torch.Tensor, labels_BS: torch.Tensor, shift: int) -> torch.Tensor:
@@ -388,4 +406,5 @@ def apply_activation_checkpointing(model: nn.Module, enabled: bool = True) -> nn
 
 
 __all__ = ["DeepseekV3ForCausalLM", "DeepseekV3Model", "DecoderLayer", "MLA", "MTPModule", "RMSNorm",
-           "CausalLMOutput", "apply_activation_checkpointing", "rope_inv_freq", "softmax_scale", "apply_rope"]
+           "CausalLMOutput", "apply_activation_checkpointing", "causal_lm_losses", "rope_inv_freq", "softmax_scale",
+           "apply_rope"]

@@ -44,19 +44,23 @@ from .config import DeepseekV3Config
 from .init import InitRule, build_then_init, init_weights_
 
 
-@torch.library.custom_op("tritonmoe::count_tokens", mutates_args=("counts",))
-def _count_tokens(counts: torch.Tensor, topk_idx_TK: torch.Tensor) -> None:
-    """counts[e] += tokens routed to expert e (scatter-add, not bincount: no device sync), unless the autograd
-    engine is running a backward pass: a forward executed then is a recomputation (activation checkpointing,
-    reentrant or not), which must not count tokens a second time. An op of its own so that the check runs when
-    the forward runs, also inside a torch.compile'd block (traced, the check would be frozen at trace time)."""
+@torch.library.custom_op("tritonmoe::record_routing", mutates_args=("counts", "aux_total"))
+def _record_routing(counts: torch.Tensor, topk_idx_TK: torch.Tensor, aux_total: torch.Tensor,
+                    aux: torch.Tensor | None) -> None:
+    """counts[e] += tokens routed to expert e (scatter-add, not bincount: no device sync) and aux_total += aux (the
+    sequence-wise loss, for logging), unless the autograd engine is running a backward pass: a forward executed
+    then is a recomputation (activation checkpointing, reentrant or not), which must not count a second time.
+    An op of its own so that the check runs when the forward runs, also inside a torch.compile'd block (traced,
+    the check would be frozen at trace time)."""
     if torch._C._current_graph_task_id() == -1:
         flat = topk_idx_TK.reshape(-1)
         counts.index_add_(0, flat, torch.ones_like(flat))
+        if aux is not None:
+            aux_total.add_(aux)
 
 
-@_count_tokens.register_fake
-def _(counts, topk_idx_TK):
+@_record_routing.register_fake
+def _(counts, topk_idx_TK, aux_total, aux):
     return None
 
 
@@ -111,6 +115,8 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(E, cfg.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
         self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.int64), persistent=False)
+        # The sequence-wise loss summed over training forwards since the trainer last read it (collect_aux_loss).
+        self.register_buffer("aux_loss_total", torch.zeros((), dtype=torch.float32), persistent=False)
         self.last_aux_loss: torch.Tensor | None = None  # detached value of the last sequence-wise loss
         self.seq_aux_denominator: int | None = None  # sequences the loss averages over (None: this forward's)
 
@@ -119,12 +125,14 @@ class Router(nn.Module):
         return InitRule("normal", self.std) if name == "weight" else InitRule("zeros")
 
     def _apply(self, fn, recurse=True):
-        # model.to(bf16) must not round the bias: its updates (1e-3) are below bf16 resolution near 1.
-        bias = self.e_score_correction_bias
+        # model.to(bf16) must not round the bias: its updates (1e-3) are below bf16 resolution near 1. Nor the
+        # logged loss total, which sums many small terms.
+        kept = {name: self._buffers[name] for name in ("e_score_correction_bias", "aux_loss_total")}
         super()._apply(fn, recurse)
-        moved = self.e_score_correction_bias
-        if moved.dtype != torch.float32:
-            self._buffers["e_score_correction_bias"] = bias.to(device=moved.device, dtype=torch.float32)
+        for name, before in kept.items():
+            moved = self._buffers[name]
+            if moved.dtype != torch.float32:
+                self._buffers[name] = before.to(device=moved.device, dtype=torch.float32)
         return self
 
     def forward(self, x_TH: torch.Tensor, num_seqs: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,17 +151,19 @@ class Router(nn.Module):
             topk_w_TK = topk_w_TK / (topk_w_TK.sum(-1, keepdim=True) + 1e-20)
         topk_w_TK = topk_w_TK * self.routed_scaling_factor
 
-        if self.training and torch.is_grad_enabled():
-            _count_tokens(self.tokens_per_expert, topk_idx_TK.detach())
-
         self.last_aux_loss = None
-        if self.seq_aux_loss_alpha > 0 and self.training and torch.is_grad_enabled():
+        if not (self.training and torch.is_grad_enabled()):
+            return topk_idx_TK, topk_w_TK
+        aux = None
+        if self.seq_aux_loss_alpha > 0:
             # sequence_balance_loss is the mean over this batch's sequences; a trainer that cuts a step into
             # micro-batches sets seq_aux_denominator to the step's sequence count, so the parts add up.
             scale = 1.0 if self.seq_aux_denominator is None else num_seqs / self.seq_aux_denominator
             aux = self.seq_aux_loss_alpha * scale * sequence_balance_loss(scores_TE, topk_idx_TK, num_seqs)
             self.last_aux_loss = aux.detach()
             topk_w_TK = AddAuxiliaryLoss.apply(topk_w_TK, aux)
+        _record_routing(self.tokens_per_expert, topk_idx_TK.detach(), self.aux_loss_total,
+                        None if aux is None else aux.detach().float())
         return topk_idx_TK, topk_w_TK
 
 
@@ -286,6 +296,19 @@ def routers(model: nn.Module) -> list[Router]:
     return [m for m in model.modules() if isinstance(m, Router)]
 
 
+@torch.no_grad()
+def collect_aux_loss(model: nn.Module) -> torch.Tensor | None:
+    """The sequence-wise balance loss of every training forward since the last call (all routers of `model`,
+    recomputations not counted), as one fp32 scalar; resets the routers' totals. None without routers."""
+    rs = routers(model)
+    if not rs:
+        return None
+    total = torch.stack([r.aux_loss_total for r in rs]).sum()
+    for r in rs:
+        r.aux_loss_total.zero_()
+    return total
+
+
 def enable_fp8(model: nn.Module, cache: Fp8WeightCache | None = None) -> int:
     """Run every routed-expert GEMM of `model` in FP8 (GroupedExperts.fp8), sharing `cache`; returns how many
     expert modules were switched."""
@@ -328,4 +351,4 @@ def update_expert_bias(model: nn.Module, group=None, rate: float | None = None) 
 
 
 __all__ = ["MoE", "Router", "GroupedExperts", "LocalDispatcher", "LocalRouting", "MLP", "AddAuxiliaryLoss",
-           "sequence_balance_loss", "update_expert_bias", "routers", "set_seq_aux_denominator", "enable_fp8"]
+           "sequence_balance_loss", "update_expert_bias", "routers", "set_seq_aux_denominator", "enable_fp8", "collect_aux_loss"]

@@ -80,7 +80,7 @@ from ..parallel import (CheckpointError, apply_expert_parallel, apply_fsdp, buil
 from ..parallel.checkpoint import check_model_entries, complete_checkpoints, is_complete, verify_checksums
 from .config import PRESETS, DeepseekV3Config
 from .data import batch, load_corpus
-from .moe import set_seq_aux_denominator, update_expert_bias
+from .moe import collect_aux_loss, set_seq_aux_denominator, update_expert_bias
 from .run_dir import RunDir, RunDirError, claim
 from .schedules import Schedules
 
@@ -663,9 +663,8 @@ def _forward_backward(run: Run, micro: tuple, n_main: torch.Tensor, mtp_weight: 
         mtp = out.mtp_loss if out.mtp_loss is not None else out.lm_loss.new_zeros(())
         objective = out.lm_loss + mtp_weight * mtp
         objective.backward()  # the sequence-wise term reaches the gradients inside the routers
-        aux = out.aux_loss.detach().double() if out.aux_loss is not None else sums.new_zeros(())
-        sums += torch.stack([objective.detach().double() + aux, out.lm_loss.detach().double(),
-                             mtp.detach().double(), aux])
+        sums += torch.stack([objective.detach().double(), out.lm_loss.detach().double(), mtp.detach().double(),
+                             sums.new_zeros(())])
 
 
 def train_step(run: Run, step: int) -> dict:
@@ -687,6 +686,9 @@ def train_step(run: Run, step: int) -> dict:
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, lm, mtp, seq-aux
     with run.fp8_cache.step() if run.fp8_cache is not None else contextlib.nullcontext():
         _forward_backward(run, micro, n_main, mtp_weight, sums)
+    aux = collect_aux_loss(model)  # this rank's share of the sequence-wise term, recomputations not counted
+    if aux is not None:
+        sums += torch.stack([aux.double(), sums.new_zeros(()), sums.new_zeros(()), aux.double()])
     # Global gradient norm over dense and expert shards (clipped to --clip unless it is 0), and the step's losses
     # summed over ranks: one host copy, before the optimizer step, so that a non-finite value stops the run first.
     grad_norm = clip_grad_norm_(model.parameters(), args.clip if args.clip > 0 else math.inf)
