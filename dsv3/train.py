@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", default=None, metavar="DIR",
                    help="start from the weights of a DCP checkpoint: `convert hf2dcp` output or a training "
                         "checkpoint's step_XXXXXXXX folder (any world size / EP degree)")
-    p.add_argument("--ep", type=int, default=None, help="expert-parallel degree (default gcd(world, experts))")
+    p.add_argument("--ep", type=int, default=None,
+                   help="expert-parallel degree inside each pipeline stage (default gcd(world / pp, experts))")
     p.add_argument("--steps", type=int, default=200, help="train steps 1..STEPS")
     p.add_argument("--batch-size", type=int, default=16, help="global batch in sequences, split over ranks")
     p.add_argument("--micro-batch-size", type=int, default=None, metavar="M",
@@ -139,6 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile every decoder block (fullgraph; MoE blocks piece by piece around their FSDP "
                         "units)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree (stages of decoder layers)")
+    p.add_argument("--pp-schedule", default="1F1B", help="1F1B, Interleaved1F1B, InterleavedZeroBubble, "
+                   "ZBVZeroBubble or DualPipeV (torch.distributed.pipelining)")
+    p.add_argument("--pp-microbatches", type=int, default=None,
+                   help="micro-batches per step through the pipeline, splitting each dp rank's share (default: pp; "
+                        "DualPipeV: one per stage)")
+    p.add_argument("--pp-stages-per-rank", type=int, default=None,
+                   help="stages each pipeline rank holds (default 1 for 1F1B, 2 for the others; V schedules need 2)")
+    p.add_argument("--pp-layers", default=None, metavar="N,N,...",
+                   help="decoder layers per stage (default: split by FLOPs; the last stage carries the head and MTP)")
     p.add_argument("--fp8", action="store_true",
                    help="routed experts' GEMMs (forward, dgrad, wgrad) in FP8 E4M3 with DeepSeek-V3's 1x128 / 128x128 "
                         "scales; shared experts, attention and the head stay in the compute dtype")
@@ -169,9 +180,14 @@ warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a v
 class Layout:
     """How this run's world is cut."""
     world: int           # ranks
-    ep: int              # expert-parallel degree
-    dp: int              # data-parallel ranks: every rank holds its own share of each step's batch
+    ep: int              # expert-parallel degree (inside each pipeline stage)
+    dp: int              # data-parallel ranks (per stage): each holds its own share of each step's batch
     micro_batch: int | None   # --micro-batch-size, or None: a rank's whole share in one forward
+    pp: int = 1          # pipeline stages' ranks (world = pp * dp)
+    pp_schedule: str | None = None
+    pp_microbatches: int = 1
+    pp_stages_per_rank: int = 1
+    pp_layers: list[int] | None = None  # --pp-layers, or None: split by FLOPs
 
 
 def _check_args(args, cfg: DeepseekV3Config, world: int) -> Layout:
@@ -202,13 +218,42 @@ def _check_args(args, cfg: DeepseekV3Config, world: int) -> Layout:
                          f"{D + 2} tokens per sequence")
     if args.seq_len > cfg.max_position_embeddings:
         raise ValueError(f"--seq-len {args.seq_len} > max_position_embeddings {cfg.max_position_embeddings}")
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the world size {world}")
+    pp = args.pp
+    if pp < 1 or world % pp:
+        raise ValueError(f"--pp {pp} must be >= 1 and divide the world size {world}")
+    dp = world // pp
+    if args.batch_size % dp:
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {dp} data-parallel ranks"
+                         + (f" (world {world} / --pp {pp})" if pp > 1 else f" (the world size {world})"))
     E = cfg.n_routed_experts
-    ep = args.ep if args.ep is not None else (math.gcd(world, E) if E else 1)
-    check_ep_degree(world, ep, E if E else None)
+    ep = args.ep if args.ep is not None else (math.gcd(dp, E) if E else 1)
+    check_ep_degree(dp, ep, E if E else None)
     M = args.micro_batch_size
-    unit = world * (M or 1)  # every global batch must split into whole micro-batches on every rank
+    pipeline = {}
+    if pp > 1:
+        from .pipeline import SPLIT_BACKWARD, check_pipeline_options, default_microbatches, default_stages_per_rank
+
+        if M is not None or args.accum_no_sync:
+            raise ValueError("--micro-batch-size / --accum-no-sync do not apply with --pp: --pp-microbatches splits "
+                             "each dp rank's share, and the pipeline reduces gradients once per step")
+        if args.batch_size_ramp:
+            raise ValueError("--batch-size-ramp with --pp: the pipeline's stages have static shapes (one micro-batch "
+                             "size for the run); ramp without --pp, or train at the full batch")
+        if args.compile and args.pp_schedule in SPLIT_BACKWARD:
+            raise ValueError(f"--compile with --pp-schedule {args.pp_schedule}: torch's zero-bubble schedules refuse "
+                             "compiled stages; use 1F1B or Interleaved1F1B, or drop --compile")
+        v = args.pp_stages_per_rank or default_stages_per_rank(args.pp_schedule)
+        mb = args.pp_microbatches or default_microbatches(args.pp_schedule, pp, v)
+        try:
+            layers = [int(c) for c in args.pp_layers.split(",")] if args.pp_layers else None
+        except ValueError:
+            raise ValueError(f"--pp-layers {args.pp_layers!r}: expected comma-separated layer counts") from None
+        check_pipeline_options(args.pp_schedule, v, pp, mb, cfg, layers)
+        pipeline = dict(pp=pp, pp_schedule=args.pp_schedule, pp_microbatches=mb, pp_stages_per_rank=v,
+                        pp_layers=layers)
+    elif args.pp_layers or args.pp_microbatches or args.pp_stages_per_rank:
+        raise ValueError("--pp-layers / --pp-microbatches / --pp-stages-per-rank need --pp > 1")
+    unit = dp * (M or pipeline.get("pp_microbatches", 1))  # every batch splits into whole micro-batches per rank
     levels = [args.batch_size]
     if args.batch_size_ramp:
         from_ = Schedules.from_args(args, 0, 1).ramp_from
@@ -216,9 +261,11 @@ def _check_args(args, cfg: DeepseekV3Config, world: int) -> Layout:
     for b in levels:
         if b % unit:
             what = f"--batch-size-ramp level {b}" if b != args.batch_size else f"--batch-size {b}"
-            raise ValueError(f"{what} does not split into whole micro-batches: it must be divisible by world {world}"
-                             + (f" x --micro-batch-size {M} = {unit}" if M else ""))
-    return Layout(world=world, ep=ep, dp=world, micro_batch=M)
+            per = (f"--micro-batch-size {M}" if M else
+                   f"--pp-microbatches {pipeline['pp_microbatches']}" if pipeline else None)
+            raise ValueError(f"{what} does not split into whole micro-batches: it must be divisible by "
+                             f"{dp} data-parallel ranks" + (f" x {per} = {unit}" if per else ""))
+    return Layout(world=world, ep=ep, dp=dp, micro_batch=M, **pipeline)
 
 
 def _load_config(preset: str | None, init_from: str | None) -> DeepseekV3Config:
@@ -355,7 +402,7 @@ def _param_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | No
 
 # ------------------------------------------------------------------------------------------------ setup
 def _build_model(cfg: DeepseekV3Config, seed: int, ep: int, device: torch.device,
-                 param_dtype: torch.dtype | None, init_from: str | None = None):
+                 param_dtype: torch.dtype | None, init_from: str | None = None, meshes=None):
     """Meta-device build -> expert parallelism + FSDP2 on the meta model -> to_empty (each rank allocates its
     shards only) -> fill them: from --init-from's checkpoint, else by the model's init rule with values that
     depend on (seed, name, expert index) only, not on the layout. FSDP sums gradients (the losses are divided by
@@ -365,17 +412,56 @@ def _build_model(cfg: DeepseekV3Config, seed: int, ep: int, device: torch.device
     torch.manual_seed(seed)  # the same RNG state on every rank and for every layout
     with torch.device("meta"):
         model = DeepseekV3ForCausalLM(cfg)
-    meshes = build_meshes(ep, cfg.n_routed_experts or None)
-    if ep > 1:
+    meshes = meshes or build_meshes(ep, cfg.n_routed_experts or None)
+    return _parallelize(model, cfg, seed, ep, meshes, device, param_dtype, init_from)
+
+
+def _parallelize(model, cfg, seed: int, ep: int, meshes, device, param_dtype, init_from: str | None, rule=None,
+                 strict: bool | str = True, stage: bool = False):
+    """EP and FSDP2 on a meta-built model (or pipeline stage), to_empty, then the name-seeded init (`rule`: the
+    whole model's init rule by name, for a stage) or --init-from's weights.
+
+    A pipeline stage keeps its parameters unsharded from its first forward to its last backward of the step
+    (reshard_after_forward=False, as torchtitan does under PP): a schedule interleaves many micro-batches' forwards
+    and backwards, and the zero-bubble schedules' weight-gradient pass finds the parameters in the autograd graph
+    only while the module holds the unsharded ones (resharded, the first micro-batch's dW came out empty)."""
+    from ..parallel import find_moe_layers
+
+    if ep > 1 and find_moe_layers(model):
         apply_expert_parallel(model, meshes.expert)
-    apply_fsdp(model, meshes.dense, meshes.expert, param_dtype=param_dtype, reduce="sum")
+    apply_fsdp(model, meshes.dense, meshes.expert, param_dtype=param_dtype, reduce="sum",
+               reshard_after_forward=not stage)
     model.to_empty(device=device)
     # Also with --init-from: the non-persistent buffers (token counters) are in no checkpoint, and a cheap
     # init of the local shards means no parameter can start from to_empty's garbage.
-    init_sharded_(model, seed)
+    init_sharded_(model, seed, rule)
     if init_from is not None:
-        load_model_weights(model, init_from)
+        load_model_weights(model, init_from, strict=strict)
     return model
+
+
+def _build_pipeline(cfg: DeepseekV3Config, seed: int, layout: Layout, meshes, device, param_dtype, init_from,
+                    seq_len: int, batch_size: int):
+    """This rank's pipeline stages (dsv3/pipeline.py), each parallelized and filled like the whole model, and the
+    Pipeline that runs them. Every stage keeps the whole model's names, so the init and the checkpoints are the
+    same for every pipeline degree."""
+    from .model import DeepseekV3ForCausalLM
+    from .pipeline import Pipeline, StageModule, embedding_groups, split_layers, stage_ids
+
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        whole = DeepseekV3ForCausalLM(cfg)  # for its init rule by name
+    n_stages = layout.pp * layout.pp_stages_per_rank
+    split = split_layers(cfg, n_stages, seq_len, layout.pp_layers)
+    ids = stage_ids(meshes.pipeline.get_local_rank(), layout.pp, layout.pp_stages_per_rank, layout.pp_schedule)
+    parts = [_parallelize(StageModule(cfg, split[i], first=i == 0, last=i == n_stages - 1), cfg, seed, layout.ep,
+                          meshes, device, param_dtype, init_from, rule=whole.init_rule, strict="part", stage=True)
+             for i in ids]
+    groups = embedding_groups(layout.pp, layout.dp, n_stages, layout.pp_schedule)
+    micro_batch = batch_size // layout.dp // layout.pp_microbatches
+    pipeline = Pipeline(parts, ids, n_stages, layout.pp_schedule, layout.pp_microbatches, meshes.pipeline.get_group(),
+                        device, micro_batch, seq_len, param_dtype or torch.float32, groups)
+    return parts, pipeline, split
 
 
 def _make_optimizer(model, args) -> torch.optim.Optimizer:
@@ -468,8 +554,10 @@ class Run:
     layout: Layout
     schedules: Schedules
     corpus: object
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
+    model: torch.nn.Module             # the model, or a ModuleList of this rank's pipeline stages (for module walks)
+    parts: list                        # [model], or this rank's stage modules
+    optimizers: list                   # one per part
+    meshes: object                     # parallel.Meshes: dense "dp" (per stage), expert, pipeline
     device: torch.device
     rank: int
     start: int                         # first step this run trains
@@ -481,6 +569,8 @@ class Run:
     flops_per_token: float
     peak_flops: float | None           # per device, for MFU (None: not on a known GPU)
     fp8_cache: object | None = None    # --fp8: the experts' weights quantized once per step
+    pipeline: object | None = None     # --pp > 1: dsv3.pipeline.Pipeline
+    n_params: int = 0
     tensorboard: object | None = None
     metrics: object | None = None      # rank 0: metrics.jsonl opened for appending
     timings: dict = field(default_factory=dict)
@@ -552,10 +642,18 @@ def setup(argv: list[str] | None = None) -> Run | None:
 
         device = local_device()
         param_dtype = _param_dtype(args.mixed_precision, device)
+        meshes = build_meshes(layout.ep, cfg.n_routed_experts or None, pp=layout.pp)
         # A resumed run's weights come from its own checkpoint; --init-from only starts a fresh run.
-        model = _build_model(cfg, args.seed, layout.ep, device, param_dtype,
-                             args.init_from if resume_from is None else None)
-        optimizer = _make_optimizer(model, args)
+        init_from = args.init_from if resume_from is None else None
+        pipeline, split = None, None
+        if layout.pp > 1:
+            parts, pipeline, split = _build_pipeline(cfg, args.seed, layout, meshes, device, param_dtype, init_from,
+                                                     args.seq_len, args.batch_size)
+            model = torch.nn.ModuleList(parts)
+        else:
+            model = _build_model(cfg, args.seed, layout.ep, device, param_dtype, init_from, meshes)
+            parts = [model]
+        optimizers = [_make_optimizer(part, args) for part in parts]
         attention = _plan_attention(model, device, param_dtype or torch.float32)
         fp8_cache = None
         if args.fp8:
@@ -566,9 +664,10 @@ def setup(argv: list[str] | None = None) -> Run | None:
             enable_fp8(model, fp8_cache)
         start, last_ckpt = 1, resume_from
         if resume_from is not None:
-            start = load_checkpoint(resume_from, model, optimizer)["step"] + 1
+            start = load_checkpoint(resume_from, parts, optimizers)["step"] + 1
         if args.compile:
-            _compile_blocks(model, args.compile_backend)
+            for part in parts:
+                _compile_blocks(part, args.compile_backend)
         t_build = time.perf_counter()
 
         if rank == 0:
@@ -578,11 +677,12 @@ def setup(argv: list[str] | None = None) -> Run | None:
                 run_dir.start_fresh()
         from .flops import flops_per_token, peak_flops
 
-        run = Run(args=args, cfg=cfg, layout=layout, schedules=schedules, corpus=corpus, model=model,
-                  optimizer=optimizer, device=device, rank=rank, start=start, out=out, run_dir=run_dir,
+        run = Run(args=args, cfg=cfg, layout=layout, schedules=schedules, corpus=corpus, model=model, parts=parts,
+                  optimizers=optimizers, meshes=meshes, device=device, rank=rank, start=start, out=out, run_dir=run_dir,
                   train_state=train_state, model_config=model_config, last_ckpt=last_ckpt,
                   flops_per_token=flops_per_token(cfg, args.seq_len),
-                  peak_flops=peak_flops(device, args.peak_tflops, PEAK_TFLOPS), fp8_cache=fp8_cache)
+                  peak_flops=peak_flops(device, args.peak_tflops, PEAK_TFLOPS), fp8_cache=fp8_cache,
+                  pipeline=pipeline, n_params=_count_params(cfg))
         if rank == 0:
             run.metrics = open(run_dir.metrics_path, "a")
             if args.tensorboard:
@@ -592,7 +692,7 @@ def setup(argv: list[str] | None = None) -> Run | None:
         run.timings = {"imports": _seconds_since_process_start(t_imports), "process group": t_group - t_imports,
                        "config, data": t_data - t_group, "model": t_build - t_data}
         if rank == 0:
-            _print_start(run, resume_from, param_dtype, attention)
+            _print_start(run, resume_from, param_dtype, attention, split)
         return run
     except BaseException:
         if run_dir is not None:
@@ -612,9 +712,17 @@ def _seconds_since_process_start(t: float) -> float:
         return 0.0
 
 
-def _print_start(run: Run, resume_from, param_dtype, attention: str) -> None:
+def _count_params(cfg: DeepseekV3Config) -> int:
+    """The whole model's parameters (a meta-device build: nothing allocated)."""
+    from .model import DeepseekV3ForCausalLM
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in DeepseekV3ForCausalLM(cfg).parameters())
+
+
+def _print_start(run: Run, resume_from, param_dtype, attention: str, split) -> None:
     args, layout = run.args, run.layout
-    n_params = sum(p.numel() for p in run.model.parameters())
+    n_params = run.n_params
     resumed = (f" (resumed from {resume_from.name})" if resume_from else
                f" (weights from {args.init_from})" if args.init_from else "")
     precision = "bf16 compute" if param_dtype is not None else "fp32"
@@ -623,8 +731,12 @@ def _print_start(run: Run, resume_from, param_dtype, attention: str) -> None:
     if layout.micro_batch:
         accum = f", micro-batch {layout.micro_batch} ({args.batch_size // (layout.dp * layout.micro_batch)} per step"
         accum += ", one reduce per step)" if args.accum_no_sync else ")"
+    pipe = ""
+    if layout.pp > 1:
+        pipe = (f"pp {layout.pp} ({layout.pp_schedule}, {layout.pp_microbatches} micro-batches, stages of "
+                f"{'|'.join(str(len(ls)) for ls in split)} decoder layers) x ")
     print(f"tritonmoe train: preset {preset}, {n_params / 1e6:.2f}M params, world {layout.world} "
-          f"({dist.get_backend()}), ep {layout.ep} x edp {layout.world // layout.ep}, global batch {args.batch_size} x "
+          f"({dist.get_backend()}), {pipe}ep {layout.ep} x edp {layout.dp // layout.ep}, global batch {args.batch_size} x "
           f"{args.seq_len}{accum}, {precision}, steps {run.start}..{args.steps}{resumed}\n"
           f"  data: {run.corpus.description}\n  attention: {attention}\n  out: {run.out}", flush=True)
     total = sum(run.timings.values())
@@ -667,40 +779,66 @@ def _forward_backward(run: Run, micro: tuple, n_main: torch.Tensor, mtp_weight: 
                              sums.new_zeros(())])
 
 
+def _pipeline_counts(run: Run, counts: torch.Tensor | None) -> torch.Tensor | None:
+    """Every MoE layer's token counts in model order (MTP last), gathered from the pipeline's stages."""
+    from .moe import routers
+
+    mine, start = [], 0
+    for stage, part in zip(run.pipeline.ids, run.parts):
+        n = len(routers(part))
+        mine.append((stage, counts[start:start + n].tolist() if n else []))
+        start += n
+    gathered = [None] * run.layout.pp
+    dist.all_gather_object(gathered, mine, group=run.meshes.pipeline.get_group())
+    rows = [row for _, stage_rows in sorted(p for rank in gathered for p in rank) for row in stage_rows]
+    return torch.tensor(rows, dtype=torch.int64) if rows else None
+
+
 def train_step(run: Run, step: int) -> dict:
     """Train step `step` (see the module docstring); returns its metrics record."""
     args, cfg, model, device = run.args, run.cfg, run.model, run.device
     t0 = time.perf_counter()
     B, tokens_before = run.schedules.batch_at(step)
     lr = run.schedules.lr_at(step)
-    for g in run.optimizer.param_groups:
-        g["lr"] = lr
+    for optimizer in run.optimizers:
+        for g in optimizer.param_groups:
+            g["lr"] = lr
     mtp_weight = run.schedules.mtp_weight_at(tokens_before, cfg.mtp_loss_weight)
-    rows = batch(run.corpus.train, args.seed, step, B, args.seq_len, run.rank, run.layout.dp, device)
+    # This rank's dp share (every pipeline rank of a dp replica holds the same one).
+    rows = batch(run.corpus.train, args.seed, step, B, args.seq_len, run.rank % run.layout.dp, run.layout.dp, device)
     M = run.layout.micro_batch or rows.shape[0]
     micro = rows.split(M)
     # The step's denominators: valid main-head targets and sequences of the GLOBAL batch.
     n_main = (rows[:, 1:] != -100).sum().to(torch.float64)
-    dist.all_reduce(n_main)
+    dist.all_reduce(n_main, group=run.meshes.dense.get_group())  # over one stage's dp ranks: the global batch
     set_seq_aux_denominator(model, B)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, lm, mtp, seq-aux
     with run.fp8_cache.step() if run.fp8_cache is not None else contextlib.nullcontext():
-        _forward_backward(run, micro, n_main, mtp_weight, sums)
+        if run.pipeline is not None:
+            run.pipeline.step(rows, n_main, mtp_weight, sums)
+        else:
+            _forward_backward(run, micro, n_main, mtp_weight, sums)
     aux = collect_aux_loss(model)  # this rank's share of the sequence-wise term, recomputations not counted
     if aux is not None:
         sums += torch.stack([aux.double(), sums.new_zeros(()), sums.new_zeros(()), aux.double()])
     # Global gradient norm over dense and expert shards (clipped to --clip unless it is 0), and the step's losses
     # summed over ranks: one host copy, before the optimizer step, so that a non-finite value stops the run first.
-    grad_norm = clip_grad_norm_(model.parameters(), args.clip if args.clip > 0 else math.inf)
-    dist.all_reduce(sums)
+    params = run.pipeline.norm_parameters() if run.pipeline is not None else model.parameters()
+    grad_norm = clip_grad_norm_(params, args.clip if args.clip > 0 else math.inf)
+    dist.all_reduce(sums)  # every rank's share (under --pp: the last stages' losses, every stage's seq-aux)
     loss, lm_loss, mtp_loss, aux_loss, grad_norm = torch.cat([sums, grad_norm.double().view(1)]).tolist()
     if not all(math.isfinite(v) for v in (loss, lm_loss, mtp_loss, aux_loss)):
         raise _nonfinite(run, step, f"loss is {loss} (lm {lm_loss}, mtp {mtp_loss}, seq-aux {aux_loss})")
     if not math.isfinite(grad_norm):
         raise _nonfinite(run, step, f"gradient norm is {grad_norm} (loss {loss})")
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    counts = update_expert_bias(model, rate=run.schedules.bias_rate_at(tokens_before, cfg.bias_update_rate))
+    for optimizer in run.optimizers:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    # Token counts summed over one stage's ranks (the whole step's tokens through these layers), one update.
+    counts = update_expert_bias(model, group=run.meshes.dense.get_group(),
+                                rate=run.schedules.bias_rate_at(tokens_before, cfg.bias_update_rate))
+    if run.pipeline is not None:
+        counts = _pipeline_counts(run, counts)
     finite = _state_finite(model).to(torch.int32)
     dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if not finite.item():  # also the step's sync for the time and the loads below
@@ -710,7 +848,8 @@ def train_step(run: Run, step: int) -> dict:
     tokens = B * args.seq_len
     record = {"step": step, "loss": loss, "lm_loss": lm_loss, "mtp_loss": mtp_loss, "seq_aux_loss": aux_loss,
               "tokens_per_s": tokens / dt, "tokens_per_s_per_device": tokens / dt / run.layout.world, "lr": lr,
-              "grad_norm": grad_norm, "memory_mb": _memory_mb(device), "micro_batches": len(micro),
+              "grad_norm": grad_norm, "memory_mb": _memory_mb(device),
+              "micro_batches": run.layout.pp_microbatches if run.pipeline is not None else len(micro),
               "batch_size": B, "tokens": tokens_before + tokens, "mtp_weight": mtp_weight}
     if run.peak_flops:
         record["mfu"] = record["tokens_per_s_per_device"] * run.flops_per_token / run.peak_flops
@@ -730,8 +869,11 @@ def _validate(run: Run) -> float:
     total = torch.zeros(2, dtype=torch.float64, device=run.device)  # summed CE, targets
     for i in range(1, args.val_batches + 1):
         # A fixed set of validation windows (own seed stream, not tied to the step being validated).
-        rows = batch(run.corpus.val, args.seed + 1_000_003, i, args.batch_size, args.seq_len, run.rank,
+        rows = batch(run.corpus.val, args.seed + 1_000_003, i, args.batch_size, args.seq_len, run.rank % run.layout.dp,
                      run.layout.dp, run.device)
+        if run.pipeline is not None:
+            total += run.pipeline.evaluate(rows)
+            continue
         for mb in rows.split(run.layout.micro_batch or rows.shape[0]):
             out = model(mb, labels=mb, loss_denominator=1.0)  # the summed cross-entropy
             total += torch.stack([out.lm_loss.double(), (mb[:, 1:] != -100).sum().double()])
@@ -750,7 +892,8 @@ def _log(run: Run, record: dict) -> None:
     """metrics.jsonl line, TensorBoard scalars and the human line (rank 0)."""
     args, step = run.args, record["step"]
     if not run.wrote_layout:
-        record = {**record, "world": run.layout.world, "ep": run.layout.ep, "pp": 1, "pp_schedule": None,
+        record = {**record, "world": run.layout.world, "ep": run.layout.ep, "pp": run.layout.pp,
+                  "pp_schedule": run.layout.pp_schedule,
                   "fp8": args.fp8, "compiled": args.compile}
         run.wrote_layout = True
     run.metrics.write(json.dumps(record) + "\n")
@@ -809,7 +952,7 @@ def main(argv: list[str] | None = None, on_step=None) -> dict:
             if on_step is not None:
                 on_step(step, run.model, record)
             if (args.ckpt_every and step % args.ckpt_every == 0) or step == args.steps:
-                run.last_ckpt = save_checkpoint(run.out, step, run.model, run.optimizer, run.train_state,
+                run.last_ckpt = save_checkpoint(run.out, step, run.parts, run.optimizers, run.train_state,
                                                 config=run.model_config)
     finally:
         if run.metrics is not None:

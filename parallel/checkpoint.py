@@ -269,13 +269,37 @@ def _set_rng_state(state: dict) -> None:
 CONFIG_FILE = "config.json"
 
 
-def save_checkpoint(out_dir: str | os.PathLike, step: int, model: nn.Module,
-                    optimizer: torch.optim.Optimizer | None = None, train_state: dict | None = None,
+# Optimizer state flattened to one entry per parameter name ("state.<fqn>.exp_avg", "param_groups.<fqn>.lr"): the
+# same keys whatever the layout, so the states of several model parts (pipeline stages) merge into one checkpoint
+# and load into any other split.
+_OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _state_dicts(models, optimizers) -> tuple[dict, dict | None, list[tuple[list[str], list[str]]]]:
+    """(model state dict, optimizer state dict or None, each part's (model keys, optimizer keys)) of the model
+    parts on this rank, merged by name. A name two parts share (a pipeline's embedding replica, equal by
+    construction) appears once."""
+    models = list(models) if isinstance(models, (list, tuple)) else [models]
+    if optimizers is None:
+        optimizers = [None] * len(models)
+    optimizers = list(optimizers) if isinstance(optimizers, (list, tuple)) else [optimizers]
+    model_sd, optim_sd, keys = {}, {}, []
+    for m, o in zip(models, optimizers):
+        part = get_model_state_dict(m)
+        model_sd.update(part)
+        opt_part = get_optimizer_state_dict(m, o, options=_OPTIM_OPTIONS) if o is not None else {}
+        optim_sd.update(opt_part)
+        keys.append((list(part), list(opt_part)))
+    return model_sd, (optim_sd if any(o is not None for o in optimizers) else None), keys
+
+
+def save_checkpoint(out_dir: str | os.PathLike, step: int, model, optimizer=None, train_state: dict | None = None,
                     config: dict | None = None) -> Path:
     """Save model (+ optimizer, + training state, + RNG) for `step` atomically; collective over all ranks.
-    `config` (JSON-able; the model's Hugging Face config.json dict) is written as config.json inside the
-    checkpoint, before it is renamed into place. Returns the final directory. An existing checkpoint of the same
-    step is replaced only after the new one is complete."""
+    `model` is a module or a list of this rank's model parts (pipeline stages), `optimizer` an optimizer or one
+    per part. `config` (JSON-able; the model's Hugging Face config.json dict) is written as config.json inside
+    the checkpoint, before it is renamed into place. Returns the final directory. An existing checkpoint of the
+    same step is replaced only after the new one is complete."""
     out_dir = Path(out_dir)
     final = checkpoint_dir(out_dir, step)
     tmp = out_dir / f".{final.name}.tmp"
@@ -284,9 +308,10 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model: nn.Module,
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed save of the same step
         tmp.mkdir()
     _barrier()
-    state = {"model": get_model_state_dict(model), "train": {"step": int(step), **(train_state or {})}}
-    if optimizer is not None:
-        state["optim"] = get_optimizer_state_dict(model, optimizer)
+    model_sd, optim_sd, _ = _state_dicts(model, optimizer)
+    state = {"model": model_sd, "train": {"step": int(step), **(train_state or {})}}
+    if optim_sd is not None:
+        state["optim"] = optim_sd
     dcp.save(state, checkpoint_id=str(tmp))  # DCP fsyncs its own files (FileSystemWriter sync_files=True)
     buf = io.BytesIO()
     torch.save(_rng_state(), buf)
@@ -347,9 +372,9 @@ def read_train_state(path: str | os.PathLike) -> dict:
     return dict(state["train"])
 
 
-def load_checkpoint(path: str | os.PathLike, model: nn.Module,
-                    optimizer: torch.optim.Optimizer | None = None, train_state: dict | None = None) -> dict:
-    """Load a checkpoint written by save_checkpoint into model/optimizer (any world size or EP degree).
+def load_checkpoint(path: str | os.PathLike, model, optimizer=None, train_state: dict | None = None) -> dict:
+    """Load a checkpoint written by save_checkpoint into model/optimizer (any world size, EP or pipeline degree;
+    `model` and `optimizer` as save_checkpoint takes them).
 
     `train_state` gives the keys (and their types, by example values) to read back from "train"; "step" is
     always read, and keys the checkpoint does not hold (written by an older version) are left out of the
@@ -361,13 +386,18 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module,
     verify_checksums(path)
     stored = set(_stored_train_keys(path))
     wanted = {k: v for k, v in {"step": 0, **(train_state or {})}.items() if k in stored or k == "step"}
-    state = {"model": get_model_state_dict(model), "train": wanted}
-    if optimizer is not None:
-        state["optim"] = get_optimizer_state_dict(model, optimizer)
+    model_sd, optim_sd, keys = _state_dicts(model, optimizer)
+    state = {"model": model_sd, "train": wanted}
+    if optim_sd is not None:
+        state["optim"] = optim_sd
     load_dcp(state, path)
-    set_model_state_dict(model, state["model"])
-    if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, state["optim"])
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    optimizers = (list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]) if optimizer is not None \
+        else [None] * len(models)
+    for m, o, (model_keys, optim_keys) in zip(models, optimizers, keys):
+        set_model_state_dict(m, {k: state["model"][k] for k in model_keys})
+        if o is not None:
+            set_optimizer_state_dict(m, o, {k: state["optim"][k] for k in optim_keys}, options=_OPTIM_OPTIONS)
     meta_path = path / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     rng_path = path / f"rng_rank{_rank()}.pt"
@@ -379,7 +409,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module,
     return dict(state["train"])
 
 
-def check_model_entries(path: str | os.PathLike, sd: dict, strict: bool = True) -> None:
+def check_model_entries(path: str | os.PathLike, sd: dict, strict: bool | str = True) -> None:
     """Compare the checkpoint's "model" entries with the model's state dict (global shapes) before reading any
     tensor: one error naming the mismatched, missing and (strict) unexpected keys, instead of DCP's per-rank
     tracebacks. `sd` may hold meta tensors (only shapes are read)."""
@@ -393,23 +423,25 @@ def check_model_entries(path: str | os.PathLike, sd: dict, strict: bool = True) 
                 and hasattr(stored[k], "size") and tuple(stored[k].size) != tuple(v.shape)]
     if strict:
         problems += [f"{k}: missing from the checkpoint" for k in sd if k not in stored]
+    if strict is True:
         problems += [f"{k}: in the checkpoint, not in the model" for k in stored if k not in sd]
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise CheckpointError(f"{path} does not fit this model: " + "; ".join(problems[:5]) + more)
 
 
-def load_model_weights(model: nn.Module, dcp_dir: str | os.PathLike, strict: bool = True) -> nn.Module:
+def load_model_weights(model: nn.Module, dcp_dir: str | os.PathLike, strict: bool | str = True) -> nn.Module:
     """Load only the "model" entry of a DCP checkpoint (a full training checkpoint or a weights-only one
     from the converter) into `model`, whatever its sharding: plain, EP DTensors, FSDP. Works with or without
     an initialised process group. Global shapes are checked against the checkpoint first (CheckpointError
     naming the keys); strict (default) also requires the same keys, strict=False tolerates keys missing from
-    the checkpoint and extra ones in it."""
+    the checkpoint and extra ones in it, strict="part" requires every key of `model` but tolerates the
+    checkpoint's others (a pipeline stage loading its part of the whole model)."""
     path = Path(dcp_dir)
     _check_readable(path)
     verify_checksums(path)
     sd = get_model_state_dict(model)
     check_model_entries(path, sd, strict)
-    load_dcp({"model": sd}, path, allow_partial_load=not strict, what="cannot load model weights from")
-    set_model_state_dict(model, sd, options=StateDictOptions(strict=strict))
+    load_dcp({"model": sd}, path, allow_partial_load=strict is not True, what="cannot load model weights from")
+    set_model_state_dict(model, sd, options=StateDictOptions(strict=strict is not False))
     return model

@@ -1,10 +1,13 @@
-"""Device meshes for FSDP + expert parallelism.
+"""Device meshes for FSDP + expert parallelism, and pipeline parallelism around them.
 
-In: the world size (from the initialised default process group) and the expert-parallel degree `ep`.
-Out: a 1-D dense data-parallel mesh ("dp") over all ranks, for everything that is not a routed expert, and a
-2-D expert mesh ("edp", "ep") over the same ranks: experts are split over the contiguous "ep" groups
-(rank = edp_index * ep + ep_index) and FSDP-sharded over "edp". Both meshes exist for every layout, so the
-code is the same for ep = 1 and ep = world. The device type follows the backend (gloo -> cpu, nccl -> cuda).
+In: the world size (from the initialised default process group), the expert-parallel degree `ep` and the
+pipeline degree `pp` (default 1). Out: with pp stages, rank = pp_index * dp + dp_index (dp = world / pp ranks per
+stage, contiguous); inside each stage a 1-D dense data-parallel mesh ("dp") over the stage's ranks, for everything
+that is not a routed expert, and a 2-D expert mesh ("edp", "ep") over the same ranks: experts are split over the
+contiguous "ep" groups (dp_index = edp_index * ep + ep_index) and FSDP-sharded over "edp"; and a 1-D "pp" mesh
+through the ranks of equal dp_index, which the pipeline's point-to-point sends use. Every mesh exists for every
+layout, so the code is the same for ep = 1, ep = dp and pp = 1. The device type follows the backend (gloo -> cpu,
+nccl -> cuda).
 """
 
 from dataclasses import dataclass
@@ -16,8 +19,9 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 @dataclass(frozen=True)
 class Meshes:
-    dense: DeviceMesh  # 1-D ("dp",) over all ranks: FSDP for attention, dense MLPs, shared experts, router
-    expert: DeviceMesh  # 2-D ("edp", "ep"): routed experts Shard(0) over "ep", then FSDP over "edp"
+    dense: DeviceMesh  # 1-D ("dp",) over this stage's ranks: FSDP for attention, dense MLPs, shared experts, router
+    expert: DeviceMesh  # 2-D ("edp", "ep") over the same ranks: routed experts Shard(0) over "ep", FSDP over "edp"
+    pipeline: DeviceMesh | None = None  # 1-D ("pp",): this rank's pipeline (ranks of equal dp index); None: pp 1
 
     @property
     def ep(self) -> int:
@@ -26,6 +30,10 @@ class Meshes:
     @property
     def edp(self) -> int:
         return self.expert["edp"].size()
+
+    @property
+    def pp(self) -> int:
+        return 1 if self.pipeline is None else self.pipeline.size()
 
 
 def check_ep_degree(world_size: int, ep: int, num_experts: int | None = None) -> None:
@@ -43,16 +51,23 @@ def mesh_device_type() -> str:
     return "cuda" if dist.get_backend() == "nccl" else "cpu"
 
 
-def build_meshes(ep: int, num_experts: int | None = None, device_type: str | None = None) -> Meshes:
-    """Build the dense and expert meshes over the default process group (which must be initialised)."""
+def build_meshes(ep: int, num_experts: int | None = None, device_type: str | None = None, pp: int = 1) -> Meshes:
+    """Build the dense, expert (and, for pp > 1, pipeline) meshes over the default process group (which must be
+    initialised)."""
     if not dist.is_initialized():
         raise RuntimeError("build_meshes needs an initialised default process group (torch.distributed)")
     world = dist.get_world_size()
-    check_ep_degree(world, ep, num_experts)
+    if pp < 1 or world % pp:
+        raise ValueError(f"pipeline degree pp={pp} must be >= 1 and divide the world size {world}")
+    dp = world // pp
+    check_ep_degree(dp, ep, num_experts)
     device_type = device_type or mesh_device_type()
-    dense = init_device_mesh(device_type, (world,), mesh_dim_names=("dp",))
-    expert = init_device_mesh(device_type, (world // ep, ep), mesh_dim_names=("edp", "ep"))
-    return Meshes(dense=dense, expert=expert)
+    if pp == 1:
+        dense = init_device_mesh(device_type, (world,), mesh_dim_names=("dp",))
+        expert = init_device_mesh(device_type, (world // ep, ep), mesh_dim_names=("edp", "ep"))
+        return Meshes(dense=dense, expert=expert)
+    mesh = init_device_mesh(device_type, (pp, dp // ep, ep), mesh_dim_names=("pp", "edp", "ep"))
+    return Meshes(dense=mesh["edp", "ep"]._flatten("dp"), expert=mesh["edp", "ep"], pipeline=mesh["pp"])
 
 
 def local_device() -> torch.device:
