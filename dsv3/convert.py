@@ -1,27 +1,40 @@
 """Streaming checkpoint conversion between the published Hugging Face layout and our DCP layout.
 
-    python -m tritonmoe.dsv3.convert hf2dcp --input HF_DIR --output DCP_DIR [--dtype bf16|fp32]
-    python -m tritonmoe.dsv3.convert dcp2hf --input DCP_DIR --output HF_DIR [--config config.json]
+    python -m tritonmoe.dsv3.convert hf2dcp --input HF_DIR --output DCP_DIR [--dtype bf16|fp32] [--overwrite]
+    python -m tritonmoe.dsv3.convert dcp2hf --input DCP_DIR --output HF_DIR [--config config.json] [--max-shard-gb N]
 
 hf2dcp in:  config.json + safetensors shards (+ model.safetensors.index.json), bf16/fp32 or FP8 with 128x128
             block scales (dequantized here). Pickled .bin checkpoints are refused.
-hf2dcp out: one DCP checkpoint of {"model": our state dict} (expert weights as global [E,...] tensors), the
-            layout the parallel layer's ``load_model_weights`` reads into an FSDP+EP model of any EP degree,
-            plus config.json (the source's; ``num_nextn_predict_layers`` is set to 0 when the source has no MTP
-            layers) and convert.json (what was converted, with which options).
+hf2dcp out: one DCP checkpoint of {"model": our state dict} (expert weights as global [E,...] tensors; parameters
+            in --dtype, the routers' weights and balancing biases in fp32), the layout the parallel layer's
+            ``load_model_weights`` reads into an FSDP+EP model of any EP degree, plus config.json (the source's;
+            ``num_nextn_predict_layers`` is set to 0 when the source has no MTP layers), convert.json (what was
+            converted, with which options) and checksums.json (CRC-32 of every file, which parallel.checkpoint
+            verifies on every load).
 dcp2hf:     the reverse, into config.json + ``model-XXXXX-of-YYYYY.safetensors`` + index (published per-expert
             layout, MTP modules as layers L+k with their embedding/head copies). Any DCP checkpoint with a
             "model" entry works (a training checkpoint too: "optim"/"train" are skipped). The model's config is
             the config.json inside the input (hf2dcp and training checkpoints write one) unless --config is given.
 
-Why streaming: DeepSeek-V3 is ~680 GB in FP8 and 1.3 TB in bf16, so neither direction may hold the model.
-Both work one decoder layer at a time (the key mapping of ``checkpoint.py`` applies per HF layer): peak host
-memory is about one layer's tensors (one MoE layer of V3 is ~22 GB in bf16). hf2dcp writes each layer as its
-own small DCP checkpoint under ``layers/<id>/`` and finally merges their metadata into one ``.metadata`` whose
-storage entries point into those folders, so DCP reads the result as a single checkpoint.
+Why streaming: DeepSeek-V3 is ~680 GB in FP8 and 1.3 TB in bf16, so neither direction may hold the model. Both
+work one decoder layer at a time with the loops of ``checkpoint.py`` (``load_group``, ``write_hf_checkpoint``):
+peak host memory is about one layer's tensors (one MoE layer of V3 is ~22 GB in bf16).
 
-Interruptions: output goes to ``<output>.partial`` and is renamed when complete. hf2dcp keeps finished layers
-of a partial run with the same source and options and redoes only the rest; dcp2hf starts over.
+hf2dcp's output: each group is its own DCP save under ``layers/<id>/`` (DCP's FileSystemWriter, default
+settings: one file, sync_files=True), with ``source.json`` beside it: the CRC-32s of the source headers and
+tensors it was converted from, and of its own files. At the end the parts' metadata, read through the allow-list
+reader, are handed to DCP's own ``FileSystemWriter.finish`` with storage entries pointing into the part folders:
+DCP pickles, fsyncs and renames the root ``.metadata``, so the result is one checkpoint to any DCP reader and no
+DCP internals are written here. (Chosen over one ``dcp.save`` driven layer by layer: that save cannot resume.)
+
+Interruptions: output goes to ``<output>.partial``, fsynced and renamed into place when complete. A rerun resumes:
+a finished part is kept when the source headers and the bytes of every tensor it was converted from still have
+the recorded CRC-32s (a shard rewritten with the same size and mtime is caught), and redone otherwise. dcp2hf
+starts over.
+
+Output folders: hf2dcp writes into a missing or empty folder, or with --overwrite replaces a previous hf2dcp
+output once the new one is complete; a folder holding anything else is refused, naming the files. dcp2hf replaces
+only a previous HF checkpoint's files (config.json, index, shards) and leaves the rest.
 """
 
 from __future__ import annotations
@@ -29,28 +42,36 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import json
+import math
 import os
-import pickle
 import shutil
 import sys
 import time
 import warnings
+import zlib
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .checkpoint import (CONFIG_FILE, EMBED, INDEX_FILE, CheckpointLayout, MappedTensor, Op, SafetensorsCheckpoint,
-                         check_against, describe_key_problems, load_mapped, mtp_layers_present, ours_groups,
-                         plan_hf_keys, write_hf_checkpoint)
+from ..parallel.checkpoint import (CHECKSUM_FILE, CheckpointError, _fsync, is_complete, load_dcp, read_dcp_metadata,
+                                   verify_checksums, write_durable)
+from .checkpoint import (HFSource, build_meta_model, check_mtp_copies, load_group, open_hf_checkpoint,
+                         write_hf_checkpoint)
+from .hf_mapping import CheckpointLayout, Op, check_against, is_mtp_key, ours_groups, plan_hf_keys
+from .safetensors_io import CONFIG_FILE, INDEX_FILE, read_json
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 STATE_KEY = "model"          # the DCP entry holding the model state dict (PLAN.md)
 PARTS_DIR = "layers"
 INFO_FILE = "convert.json"
-FORMAT_VERSION = 1
+RECORD_FILE = "source.json"  # in each part: what it was converted from
+FORMAT_VERSION = 2
+# What hf2dcp writes at the top of its output folder (and the temporary names of the JSON files it replaces).
+OUTPUT_NAMES = frozenset({".metadata", ".metadata.tmp", INFO_FILE, INFO_FILE + ".tmp", CONFIG_FILE,
+                          CONFIG_FILE + ".tmp", CHECKSUM_FILE, PARTS_DIR})
 
 
 class Progress:
@@ -80,25 +101,6 @@ def _label(group: int | None, layout: CheckpointLayout) -> str:
     return f"layer {group}"
 
 
-def _expected_state(hf_cfg: dict) -> tuple[dict[str, torch.Tensor], set[str]]:
-    """Our model's state dict (meta tensors: names, shapes, dtypes) and buffer names, from a config dict."""
-    from .config import DeepseekV3Config
-    from .model import DeepseekV3ForCausalLM
-
-    with torch.device("meta"):
-        model = DeepseekV3ForCausalLM(DeepseekV3Config.from_hf(hf_cfg))
-    return model.state_dict(), {n for n, _ in model.named_buffers()}
-
-
-def _digest(t: torch.Tensor) -> str:
-    return hashlib.blake2b(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy(), digest_size=16).hexdigest()
-
-
-def _source_fingerprint(ckpt: SafetensorsCheckpoint) -> dict:
-    files = {f: (s.st_size, s.st_mtime_ns) for f in ckpt.files() for s in [(ckpt.path / f).stat()]}
-    return {"source": str(ckpt.path.resolve()), "files": files}
-
-
 @contextlib.contextmanager
 def _single_process_dcp():
     """DCP warns on every save/load without a process group; the converter is single-process by design."""
@@ -109,104 +111,245 @@ def _single_process_dcp():
 
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    write_durable(tmp, text)
     os.replace(tmp, path)
 
 
+def _one_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[-1] if lines else ''}"
+
+
+def _file_crc32(path: Path, chunk: int = 4 << 20) -> str:
+    """CRC-32 of a file as checksums.json records it, read through one 4 MiB buffer (parallel.checkpoint's reader
+    takes 64 MiB chunks: hashing each written part that way added a part's size to hf2dcp's peak memory)."""
+    crc, buf = 0, bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            crc = zlib.crc32(view[:n], crc)
+    return f"{crc:08x}"
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and folder under root, deepest first (files already synced cost next to nothing)."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            _fsync(Path(folder) / name)
+        _fsync(Path(folder))
+
+
 # ------------------------------------------------------------------------------------------------------------
+# hf2dcp
+def _conversion_in(folder: Path) -> dict | None:
+    """What an existing hf2dcp output (or .partial) folder holds: None when absent or empty, else the options it
+    was written with (its convert.json; {} when unreadable). Refuses, naming them, folders holding other files."""
+    if not folder.exists():
+        return None
+    if not folder.is_dir():
+        raise ValueError(f"{folder} exists and is not a folder")
+    entries = sorted(p.name for p in folder.iterdir())
+    foreign = [n for n in entries if n not in OUTPUT_NAMES]
+    if foreign:
+        shown = ", ".join(foreign[:8]) + (f" ... ({len(foreign)} files)" if len(foreign) > 8 else "")
+        raise ValueError(f"{folder} holds files no conversion wrote ({shown}): refusing to replace it; move them "
+                         "away or choose another --output")
+    if not entries:
+        return None
+    try:
+        info = json.loads((folder / INFO_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _part_name(group: int | None) -> str:
+    return "global" if group is None else f"{group:05d}"
+
+
+def _sources(plan) -> list[str]:
+    return [s for m in plan.tensors for s in m.sources]
+
+
+def _part_reusable(part: Path, sources: list[str], src: HFSource) -> tuple[dict | None, str]:
+    """(record, '') when the part under `part` was converted from exactly what the source holds now: its record's
+    header CRCs and the CRC of every source tensor's stored bytes (read again here) match; else (None, why not)."""
+    if not (part / ".metadata").is_file():
+        return None, ""
+    try:
+        record = json.loads((part / RECORD_FILE).read_text())
+        tensors, headers, files = record["tensors"], record["headers"], record["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, "it has no readable record of its source"
+    if set(tensors) != set(sources):
+        return None, "the source holds other tensors for it now"
+    ckpt = src.ckpt
+    for f, crc in headers.items():
+        if ckpt.header_crcs.get(f) != crc:
+            return None, f"the header of {f} changed"
+    for name in sources:
+        changed = ckpt.fingerprint(name) != tensors[name]
+        ckpt.release()
+        if changed:
+            return None, f"the bytes of {name} changed"
+    if not all((part.parent.parent / f).is_file() for f in files):
+        return None, "files of it are missing"
+    return record, ""
+
+
+def _first_stale_part(root: Path, plans: dict, src: HFSource) -> str | None:
+    """None when every part of a finished output still matches the source (``_part_reusable``), else the first
+    part that does not and why."""
+    for g, plan in plans.items():
+        record, why = _part_reusable(root / PARTS_DIR / _part_name(g), _sources(plan), src)
+        if record is None:
+            return f"{_label(g, src.layout)}: {why or 'it is missing'}"
+    return None
+
+
+def _shard_files(sources: list[str], src: HFSource) -> set[str]:
+    ckpt = src.ckpt
+    return {ckpt.weight_map[n] for s in sources for n in (s, ckpt.scales.get(s)) if n is not None}
+
+
+class _BufferPool:
+    """The tensors of the group just saved, handed to the next group (every MoE layer has the same shapes).
+    Fresh tensors per layer meant fresh pages to fault in: on the 1.4 GB synthetic checkpoint hf2dcp took 3.1 s
+    with 351k page faults and 2.0 s of sys time without the pool, 1.75 s with 36k faults and 0.6 s of sys time
+    with it. It also keeps the peak at one layer whatever the allocator keeps (on 16-32 MiB tensors glibc's heap
+    kept freed layers: peak RSS growth 1.1-1.7x the largest layer from run to run, 1.15x with the pool)."""
+
+    def __init__(self):
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+
+    def give(self, tensors) -> None:
+        for t in tensors:
+            self._free.setdefault((tuple(t.shape), t.dtype), []).append(t)
+
+    def keep_only(self, needs: list[tuple]) -> None:
+        """Free every pooled tensor the next group (`needs`: (shape, dtype) of each of its tensors) cannot use,
+        before it allocates anything."""
+        wanted = Counter(needs)
+        self._free = {k: v[: wanted[k]] for k, v in self._free.items() if wanted[k]}
+
+    def empty(self, shape, dtype, device=None) -> torch.Tensor:
+        free = self._free.get((tuple(shape), dtype))
+        return free.pop() if free else torch.empty(shape, dtype=dtype, device=device)
+
+
 def hf2dcp(input_dir: str | os.PathLike, output_dir: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
            ignore_mtp_copies: bool = False, overwrite: bool = False,
            log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
     """Convert an HF safetensors checkpoint into a weights-only DCP checkpoint; returns run statistics."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    ckpt = SafetensorsCheckpoint(input_dir)
-    hf_cfg = ckpt.config()
-    layout = CheckpointLayout.from_hf_config(hf_cfg)
-    if layout.num_mtp_layers and not mtp_layers_present(ckpt.keys(), layout):
-        log(f"[hf2dcp] config.json asks for {layout.num_mtp_layers} MTP module(s) but the checkpoint has no layer "
-            f">= {layout.num_hidden_layers}: converting without MTP (config.json written with "
-            "num_nextn_predict_layers=0)")
-        hf_cfg = {**hf_cfg, "num_nextn_predict_layers": 0}
-        layout = CheckpointLayout.from_hf_config(hf_cfg)
-    expected, buffers = _expected_state(hf_cfg)
+    def report(msg: str) -> None:
+        log(f"[hf2dcp] {msg}")
+
+    src = open_hf_checkpoint(input_dir, missing_mtp="drop", report=report)
+    ckpt, layout = src.ckpt, src.layout
     groups = ckpt.groups()
-    full_plan = plan_hf_keys(ckpt.keys(), layout)
-    check_against([t.key for t in full_plan.tensors if t.op is not Op.SHARED], expected, layout, full_plan)
-
-    info = {"format_version": FORMAT_VERSION, "direction": "hf2dcp", "dtype": str(dtype).removeprefix("torch."),
-            "ignore_mtp_copies": ignore_mtp_copies, **_source_fingerprint(ckpt)}
-    info = json.loads(json.dumps(info))  # the form it is compared in after a JSON round trip
+    info = json.loads(json.dumps({"format_version": FORMAT_VERSION, "direction": "hf2dcp",
+                                  "dtype": str(dtype).removeprefix("torch."), "ignore_mtp_copies": ignore_mtp_copies,
+                                  "source": str(ckpt.path.resolve())}))
+    plans = {g: plan_hf_keys(keys, layout) for g, keys in groups.items()}
     out = Path(output_dir)
-    if out.exists():
-        done = out / INFO_FILE
-        if done.is_file() and json.loads(done.read_text()) == info and (out / ".metadata").is_file():
-            log(f"[hf2dcp] {out} already holds this conversion; nothing to do")
-            return {"skipped": True}
-        if not overwrite:
-            raise ValueError(f"output {out} exists and is not this conversion; pass --overwrite to replace it")
     tmp = out.with_name(out.name + ".partial")
-    if tmp.exists() and not ((tmp / INFO_FILE).is_file() and json.loads((tmp / INFO_FILE).read_text()) == info):
-        log(f"[hf2dcp] removing {tmp}: left by a conversion of another source or with other options")
+    previous = _conversion_in(out)
+    if previous is not None:
+        if previous == info and (out / ".metadata").is_file():
+            why = _first_stale_part(out, plans, src)
+            if why is None:
+                report(f"{out} already holds this conversion of the source as it is now; nothing to do")
+                return {"skipped": True}
+            if not overwrite:
+                raise ValueError(f"output {out} holds this conversion of an earlier state of {ckpt.path} ({why}); pass "
+                                 "--overwrite to convert it again")
+        elif not overwrite:
+            raise ValueError(f"output {out} exists and is not this conversion; pass --overwrite to replace it")
+    partial = _conversion_in(tmp)
+    if partial is not None and partial != info:
+        report(f"removing {tmp}: left by a conversion of another source or with other options")
         shutil.rmtree(tmp)
     (tmp / PARTS_DIR).mkdir(parents=True, exist_ok=True)
     _atomic_write(tmp / INFO_FILE, json.dumps(info, indent=2))
-    digest_file = tmp / "main_digests.json"
 
     shard_groups: dict[str, set] = {}
-    for g, keys in groups.items():
-        for k in keys:
-            for name in (k, ckpt.scales.get(k)):
-                if name is not None:
-                    shard_groups.setdefault(ckpt.weight_map[name], set()).add(g)
+    for g, plan in plans.items():
+        for f in _shard_files(_sources(plan), src):
+            shard_groups.setdefault(f, set()).add(g)
     total_bytes = sum(ckpt.nbytes(k) for k in ckpt.keys())
     progress = Progress("hf2dcp", len(groups), total_bytes, len(shard_groups), log)
+    pool = _BufferPool()
+    crcs: dict[str, str] = {}   # HF name -> CRC-32 of its stored bytes, for the MTP-copy check
+    files: dict[str, str] = {}  # file of the output -> CRC-32, for checksums.json
     done_groups: set = set()
     bytes_done, t0, bytes_converted = 0, time.monotonic(), 0
     for g, keys in groups.items():
         part = tmp / PARTS_DIR / _part_name(g)
+        sources = _sources(plans[g])
         group_bytes = sum(ckpt.nbytes(k) for k in keys)
-        if (part / ".metadata").is_file():
+        record, why = _part_reusable(part, sources, src)
+        if record is not None:
+            crcs.update(record["tensors"])
+            check_mtp_copies(src, plans[g].tensors, crcs, ignore_mtp_copies, report)
+            files.update(record["files"])
             bytes_done += group_bytes
             done_groups.add(g)
             progress.step(_label(g, layout), bytes_done, _shards_done(shard_groups, done_groups), skipped=True)
             continue
+        if why:
+            report(f"{_label(g, layout)}: {why} since it was converted; converting it again")
         shutil.rmtree(part, ignore_errors=True)  # a group interrupted mid-write is redone from scratch
-        digests = json.loads(digest_file.read_text()) if digest_file.is_file() else {}
-        tensors = {}
-        plan = plan_hf_keys(keys, layout)
-        problems = describe_key_problems(plan.missing, plan.unexpected)
-        if problems:
-            raise ValueError(f"{_label(g, layout)}: {problems}")
-        for mapped in plan.tensors:
-            t = load_mapped(ckpt, mapped, expected[mapped.key], mapped.key in buffers, dtype)
-            if mapped.op is Op.SHARED:
-                _check_digest(mapped, t, digests, ignore_mtp_copies, log)
-            else:
-                tensors[mapped.key] = t
-                bytes_converted += t.numel() * t.element_size()
-            # Unmap the source pages this tensor touched: they count as resident memory until released.
-            ckpt.release()
-        if g is None:
-            _atomic_write(digest_file, json.dumps({k: _digest(tensors[k]) for k in (EMBED, layout.head_key())
-                                                   if k in tensors}))
-        with _single_process_dcp():
-            dcp.save({STATE_KEY: tensors}, storage_writer=dcp.FileSystemWriter(part), no_dist=True)
+        pool.keep_only([(tuple(src.expected[m.key].shape), src.dtype_of(m.key, dtype))
+                        for m in plans[g].tensors if m.op is not Op.SHARED])
+        tensors = load_group(src, keys, dtype, crcs, ignore_mtp_copies, report, empty=pool.empty)
+        bytes_converted += sum(t.numel() * t.element_size() for t in tensors.values())
+        try:
+            with _single_process_dcp():
+                dcp.save({STATE_KEY: tensors}, storage_writer=dcp.FileSystemWriter(part), no_dist=True)
+        except (Exception, CheckpointException) as e:  # CheckpointException derives from BaseException
+            raise CheckpointError(f"cannot write {part}: {_one_line(e)}") from e
+        pool.give(tensors.values())
         del tensors
+        part_files = {p.relative_to(tmp).as_posix(): _file_crc32(p) for p in sorted(part.iterdir()) if p.is_file()}
+        files.update(part_files)
+        _atomic_write(part / RECORD_FILE, json.dumps({
+            "tensors": {n: crcs[n] for n in sources},
+            "headers": {f: ckpt.header_crcs[f] for f in sorted(_shard_files(sources, src))},
+            "files": part_files}, indent=1))
         bytes_done += group_bytes
         done_groups.add(g)
         progress.step(_label(g, layout), bytes_done, _shards_done(shard_groups, done_groups))
 
     _merge_parts(tmp, [_part_name(g) for g in groups])
-    _atomic_write(tmp / CONFIG_FILE, json.dumps(_plain_config(hf_cfg, log), indent=2) + "\n")
-    digest_file.unlink(missing_ok=True)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    _atomic_write(tmp / CONFIG_FILE, json.dumps(_plain_config(src.hf_cfg, log), indent=2) + "\n")
+    for p in [tmp / ".metadata", tmp / CONFIG_FILE, tmp / INFO_FILE] + [tmp / PARTS_DIR / _part_name(g) / RECORD_FILE
+                                                                        for g in groups]:
+        files[p.relative_to(tmp).as_posix()] = _file_crc32(p)
+    write_durable(tmp / CHECKSUM_FILE, json.dumps({"algorithm": "crc32", "files": dict(sorted(files.items()))},
+                                                  indent=1))
+    _fsync_tree(tmp)
+    _publish_dir(tmp, out)
     seconds = time.monotonic() - t0
-    log(f"[hf2dcp] wrote {out}: {bytes_done / 2**20:.1f} MiB read in {seconds:.1f}s "
-        f"({bytes_done / 2**20 / max(seconds, 1e-9):.1f} MiB/s)")
+    report(f"wrote {out}: {bytes_done / 2**20:.1f} MiB read in {seconds:.1f}s "
+           f"({bytes_done / 2**20 / max(seconds, 1e-9):.1f} MiB/s)")
     return {"skipped": False, "bytes_read": bytes_done, "bytes_written": bytes_converted, "seconds": seconds}
+
+
+def _publish_dir(tmp: Path, out: Path) -> None:
+    """Rename a finished (fsynced) output folder into place: onto an empty or absent `out`, or in place of a
+    previous conversion (``_conversion_in`` checked that it holds nothing else), which is removed afterwards."""
+    old = out.with_name(f".{out.name}.old")
+    if out.exists() and any(out.iterdir()):
+        if old.exists():
+            _conversion_in(old)  # our own leftover from an interrupted replacement, else refused
+            shutil.rmtree(old)
+        out.rename(old)
+    os.replace(tmp, out)
+    _fsync(out.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _plain_config(hf_cfg: dict, log: Callable[[str], None]) -> dict:
@@ -219,68 +362,53 @@ def _plain_config(hf_cfg: dict, log: Callable[[str], None]) -> dict:
     return {k: v for k, v in hf_cfg.items() if k != "quantization_config"}
 
 
-def _part_name(group: int | None) -> str:
-    return "global" if group is None else f"{group:05d}"
-
-
 def _shards_done(shard_groups: dict[str, set], done: set) -> int:
     return sum(1 for gs in shard_groups.values() if gs <= done)
 
 
-def _check_digest(mapped: MappedTensor, t: torch.Tensor, digests: dict, ignore: bool, log) -> None:
-    main = digests.get(mapped.key)
-    if main == _digest(t):
-        return
-    msg = (f"{mapped.sources[0]} differs from {mapped.key}, which our model shares with the MTP module (the published "
-           "DeepSeek-V3 stores identical copies)")
-    if not ignore:
-        raise ValueError(msg + "; pass --ignore-mtp-copies to drop the copy and use the main tensor")
-    log(f"[hf2dcp] warning: {msg}; dropped")
-
-
 def _merge_parts(root: Path, parts: list[str]) -> None:
-    """One DCP .metadata for all per-layer checkpoints under root/layers/, storage paths pointing into them."""
-    from torch.distributed.checkpoint import FileSystemReader
+    """One DCP .metadata for all per-layer checkpoints under root/layers/, written by DCP's FileSystemWriter.finish
+    from the parts' own metadata and storage records, their paths pointing into the part folders."""
+    from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint.metadata import Metadata
+    from torch.distributed.checkpoint.storage import WriteResult
 
-    merged = Metadata(state_dict_metadata={}, planner_data={}, storage_data={})
+    state_dict_metadata, planner_data, results = {}, {}, []
     for name in parts:
         rel = f"{PARTS_DIR}/{name}"
-        md = FileSystemReader(root / rel).read_metadata()
-        clash = set(md.state_dict_metadata) & set(merged.state_dict_metadata)
+        md = read_dcp_metadata(root / rel)
+        clash = set(md.state_dict_metadata) & set(state_dict_metadata)
         assert not clash, f"two layer groups wrote {sorted(clash)[:3]}"
-        merged.state_dict_metadata.update(md.state_dict_metadata)
-        merged.planner_data.update(md.planner_data or {})
-        for index, info in md.storage_data.items():
-            merged.storage_data[index] = dataclasses.replace(info, relative_path=f"{rel}/{info.relative_path}")
-        merged.version = md.version
-    tmp = root / ".metadata.tmp"
-    with open(tmp, "wb") as f:
-        pickle.dump(merged, f)
-    os.replace(tmp, root / ".metadata")
+        state_dict_metadata.update(md.state_dict_metadata)
+        planner_data.update(md.planner_data or {})
+        results += [WriteResult(index=index, size_in_bytes=info.length,
+                                storage_data=dataclasses.replace(info, relative_path=f"{rel}/{info.relative_path}"))
+                    for index, info in md.storage_data.items()]
+    FileSystemWriter(root).finish(Metadata(state_dict_metadata=state_dict_metadata, planner_data=planner_data),
+                                  [results])
 
 
 # ------------------------------------------------------------------------------------------------------------
+# dcp2hf
 def dcp2hf(input_dir: str | os.PathLike, output_dir: str | os.PathLike, config: str | os.PathLike | None = None,
            max_shard_bytes: int = 5 * 2**30,
            log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
     """Convert the "model" entry of a DCP checkpoint into an HF safetensors checkpoint; returns statistics."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from ..parallel.checkpoint import is_complete
-
     src = Path(input_dir)
+    if not src.is_dir():
+        raise ValueError(f"--input {src}: no such folder")
     if not is_complete(src):
         raise ValueError(f"{src} is not a complete DCP checkpoint (no .metadata)")
     cfg_path = Path(config) if config is not None else src / CONFIG_FILE
     if not cfg_path.is_file():
         raise ValueError(f"no config: {cfg_path} does not exist (hf2dcp output and training checkpoints hold one); "
                          "pass --config with the model's config.json")
-    hf_cfg = json.loads(cfg_path.read_text())
-    layout = CheckpointLayout.from_hf_config(hf_cfg)
-    md = FileSystemReader(src).read_metadata()
+    hf_cfg = read_json(cfg_path)
+    layout = CheckpointLayout.from_hf_config(hf_cfg, cfg_path)
+    verify_checksums(src)
+    md = read_dcp_metadata(src)
     stored: dict[str, TensorStorageMetadata] = {}
     for fqn, meta in md.state_dict_metadata.items():
         path = (md.planner_data or {}).get(fqn)
@@ -294,21 +422,45 @@ def dcp2hf(input_dir: str | os.PathLike, output_dir: str | os.PathLike, config: 
             stored[key] = meta
     if not stored:
         raise ValueError(f"{src} has no '{STATE_KEY}' entry with tensors")
-    expected, _ = _expected_state(hf_cfg)
-    has_mtp = any(k.startswith("model.mtp.") for k in stored)
-    check_against(stored, expected, layout,
-                  skip_missing=(lambda k: k.startswith("model.mtp.")) if not has_mtp else None)
+    expected = build_meta_model(hf_cfg, source=cfg_path).state_dict()
+    has_mtp = any(is_mtp_key(k) for k in stored)
+    check_against(stored, expected, layout, skip_missing=is_mtp_key if not has_mtp else None)
     for key, meta in stored.items():
         if tuple(meta.size) != tuple(expected[key].shape):
             raise ValueError(f"{key}: shape {tuple(meta.size)} in {src} does not match {tuple(expected[key].shape)} "
                              f"of the model built from {cfg_path}")
+    files_of: dict[str, set[str]] = {}
+    for index, info in md.storage_data.items():
+        files_of.setdefault(index.fqn, set()).add(info.relative_path)
 
-    def load(keys) -> dict[str, torch.Tensor]:
-        sd = {k: torch.empty(tuple(stored[k].size), dtype=stored[k].properties.dtype) for k in keys}
+    # One tensor per DCP read (DCP's reader holds a second copy of what it reads: whole groups took dcp2hf's peak
+    # to 2.35x the largest layer), except runs of small tensors, which are read together: each read unpickles the
+    # whole .metadata again, which took 15% of the time one tensor at a time.
+    def nbytes(key: str) -> int:
+        return stored[key].size.numel() * stored[key].properties.dtype.itemsize
+
+    groups = ours_groups(stored, layout)
+    small = max(map(nbytes, stored)) // 8
+    batch_of: dict[str, list[str]] = {}
+    for keys in groups.values():
+        run: list[str] = []
+        for key in keys + [None]:
+            if run and (key is None or nbytes(key) > small or sum(map(nbytes, run)) + nbytes(key) > small):
+                batch_of.update(dict.fromkeys(run, run))
+                run = []
+            if key is not None:
+                run.append(key)
+    read_ahead: dict[str, torch.Tensor] = {}
+
+    def load(key: str) -> torch.Tensor:
+        if key in read_ahead:
+            return read_ahead.pop(key)
+        sd = {k: torch.empty(tuple(stored[k].size), dtype=stored[k].properties.dtype) for k in batch_of[key]}
+        files = ", ".join(sorted(set().union(*(files_of.get(f"{STATE_KEY}.{k}", set()) for k in sd))))
         with _single_process_dcp():
-            dcp.load({STATE_KEY: sd}, storage_reader=FileSystemReader(src),
-                     planner=dcp.DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
-        return sd
+            load_dcp({STATE_KEY: sd}, src, no_dist=True, what=f"cannot read {key} (from {files}) of")
+        read_ahead.update(sd)
+        return read_ahead.pop(key)
 
     out_cfg = hf_cfg  # `layout` stays the one of the model's config: MTP keys are mapped by it
     if not has_mtp and layout.num_mtp_layers:
@@ -316,7 +468,6 @@ def dcp2hf(input_dir: str | os.PathLike, output_dir: str | os.PathLike, config: 
     # DCP never holds FP8 (hf2dcp dequantizes), so a --config taken from the published FP8 checkpoint must lose
     # its quantization_config here too.
     out_cfg = _plain_config(out_cfg, log)
-    groups = ours_groups(stored, layout)
     out = Path(output_dir)
     total = sum(m.size.numel() * m.properties.dtype.itemsize for m in stored.values())
     progress = Progress("dcp2hf", len(groups), total, None, log)
@@ -325,16 +476,17 @@ def dcp2hf(input_dir: str | os.PathLike, output_dir: str | os.PathLike, config: 
 
     def get_main(key: str) -> torch.Tensor:
         if key not in main_cache:
-            main_cache[key] = load([key])[key]
+            main_cache[key] = load(key)
         return main_cache[key]
 
-    def after_group(g: int | None, tensors: dict[str, torch.Tensor]) -> None:
+    def after_group(g: int | None) -> None:
         nonlocal done
-        done += sum(t.numel() * t.element_size() for t in tensors.values())
+        done += sum(stored[k].size.numel() * stored[k].properties.dtype.itemsize for k in groups[g])
         main_cache.clear()
         progress.step(_label(g, layout), done)
 
-    write_hf_checkpoint(out, out_cfg, layout, groups, load, get_main, max_shard_bytes, after_group)
+    specs = {k: (tuple(m.size), m.properties.dtype) for k, m in stored.items()}
+    write_hf_checkpoint(out, out_cfg, layout, specs, load, get_main, max_shard_bytes, after_group)
     seconds = time.monotonic() - t0
     log(f"[dcp2hf] wrote {out}: {done / 2**20:.1f} MiB in {seconds:.1f}s ({done / 2**20 / max(seconds, 1e-9):.1f} MiB/s)")
     return {"bytes": done, "seconds": seconds, "index": str(out / INDEX_FILE)}
@@ -346,24 +498,27 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     a = sub.add_parser("hf2dcp", help="HF safetensors (bf16/fp32/FP8) -> DCP weights-only checkpoint")
     a.add_argument("--input", required=True, help="HF checkpoint folder (config.json + safetensors)")
-    a.add_argument("--output", required=True, help="DCP checkpoint folder to create")
-    a.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="parameter dtype (buffers keep theirs)")
+    a.add_argument("--output", required=True, help="DCP checkpoint folder to create (missing or empty)")
+    a.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
+                   help="parameter dtype (buffers and the routers stay fp32)")
     a.add_argument("--ignore-mtp-copies", action="store_true",
                    help="drop MTP embed_tokens/shared_head.head even when they differ from the main tensors")
-    a.add_argument("--overwrite", action="store_true", help="replace an existing different output")
+    a.add_argument("--overwrite", action="store_true", help="replace a previous hf2dcp output (nothing else)")
     b = sub.add_parser("dcp2hf", help="DCP checkpoint ('model' entry) -> HF safetensors")
     b.add_argument("--input", required=True, help="DCP checkpoint folder")
     b.add_argument("--output", required=True, help="HF checkpoint folder to write")
     b.add_argument("--config", default=None, help="config.json (default: the one inside --input, which hf2dcp "
                                                    "output and training checkpoints hold)")
-    b.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size")
+    b.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size (GB, > 0)")
     args = parser.parse_args(argv)
     try:
         if args.command == "hf2dcp":
             hf2dcp(args.input, args.output, DTYPES[args.dtype], args.ignore_mtp_copies, args.overwrite)
         else:
-            dcp2hf(args.input, args.output, args.config, int(args.max_shard_gb * 2**30))
-    except ValueError as e:
+            if not (math.isfinite(args.max_shard_gb) and args.max_shard_gb > 0):
+                raise ValueError(f"--max-shard-gb must be a size in GB > 0, got {args.max_shard_gb}")
+            dcp2hf(args.input, args.output, args.config, max(1, int(args.max_shard_gb * 2**30)))
+    except (ValueError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -16,6 +16,8 @@ from safetensors.torch import save_file
 
 from helpers import assert_close
 from tritonmoe.dsv3 import checkpoint as ck
+from tritonmoe.dsv3 import hf_mapping as hm
+from tritonmoe.dsv3 import safetensors_io as sio
 
 transformers = pytest.importorskip("transformers")
 
@@ -47,7 +49,7 @@ def _read_all(hf_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def quantize_fp8_blockwise(w: torch.Tensor, block: int = ck.FP8_BLOCK):
+def quantize_fp8_blockwise(w: torch.Tensor, block: int = sio.FP8_BLOCK):
     """Test-side quantizer: per 128x128 tile, scale_inv = amax / 448 (e4m3 max), q = w / scale_inv."""
     N, K = w.shape
     scale_inv = torch.empty(math.ceil(N / block), math.ceil(K / block))
@@ -77,7 +79,7 @@ def make_hf_checkpoint(out_dir: Path, tensors: dict[str, torch.Tensor], config: 
         if fp8 and _is_quantizable(k, t):
             q, s = quantize_fp8_blockwise(t)
             shards[n % num_shards][k] = q
-            shards[(n + 1) % num_shards][k + ck.SCALE_SUFFIX] = s  # scale in another shard than its weight
+            shards[(n + 1) % num_shards][k + sio.SCALE_SUFFIX] = s  # scale in another shard than its weight
         else:
             shards[n % num_shards][k] = t.contiguous()
     weight_map = {}
@@ -85,8 +87,8 @@ def make_hf_checkpoint(out_dir: Path, tensors: dict[str, torch.Tensor], config: 
         name = f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors"
         save_file(shard, out_dir / name, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, name))
-    (out_dir / ck.INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (out_dir / ck.CONFIG_FILE).write_text(json.dumps(config))
+    (out_dir / sio.INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (out_dir / sio.CONFIG_FILE).write_text(json.dumps(config))
     return out_dir
 
 
@@ -125,12 +127,12 @@ def hf_mtp(tmp_path_factory, hf_tiny):
     """The same weights re-sharded into 3 files with one hand-made MTP layer."""
     path, model = hf_tiny
     tensors = add_mtp_layers(_read_all(path), TINY["num_hidden_layers"], 1)
-    config = json.loads((path / ck.CONFIG_FILE).read_text())
+    config = json.loads((path / sio.CONFIG_FILE).read_text())
     return make_hf_checkpoint(tmp_path_factory.mktemp("hf_mtp"), tensors, config), model
 
 
 def _layout(**overrides):
-    return ck.CheckpointLayout.from_hf_config({**TINY, **overrides})
+    return hm.CheckpointLayout.from_hf_config({**TINY, **overrides})
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -139,7 +141,7 @@ def test_experts_stack_in_integer_order_gate_rows_first(hf_tiny):
     path, _ = hf_tiny
     hf = _read_all(path)
     layout = _layout()
-    ours = {m.key: t for m, t in ck.iter_hf_to_ours(list(hf), hf.__getitem__, layout)}
+    ours = {m.key: t for m, t in hm.iter_hf_to_ours(list(hf), hf.__getitem__, layout)}
     w13 = ours["model.layers.1.mlp.experts.gate_up_proj"]
     w2 = ours["model.layers.1.mlp.experts.down_proj"]
     assert w13.shape == (12, 32, 32) and w2.shape == (12, 32, 16)
@@ -157,8 +159,8 @@ def test_mapping_round_trip_reproduces_published_layout_with_mtp(hf_mtp):
     hf = _read_all(path)
     layout = _layout()
     ours, shared = {}, []
-    for m, t in ck.iter_hf_to_ours(list(hf), hf.__getitem__, layout):
-        (shared.append(m) if m.op is ck.Op.SHARED else ours.__setitem__(m.key, t))
+    for m, t in hm.iter_hf_to_ours(list(hf), hf.__getitem__, layout):
+        (shared.append(m) if m.op is hm.Op.SHARED else ours.__setitem__(m.key, t))
     assert ours["model.mtp.0.eh_proj.weight"] is hf["model.layers.3.eh_proj.weight"]
     assert ours["model.mtp.0.norm.weight"] is hf["model.layers.3.shared_head.norm.weight"]
     assert "model.mtp.0.layer.self_attn.kv_b_proj.weight" in ours
@@ -166,7 +168,7 @@ def test_mapping_round_trip_reproduces_published_layout_with_mtp(hf_mtp):
     assert not any("shared_head.head" in k or "mtp.0.embed" in k for k in ours)  # shared, not stored twice
     assert sorted(m.sources[0] for m in shared) == ["model.layers.3.embed_tokens.weight",
                                                     "model.layers.3.shared_head.head.weight"]
-    back = dict(ck.iter_ours_to_hf(ours, layout, ours.__getitem__))
+    back = dict(hm.iter_ours_to_hf(ours, layout, ours.__getitem__))
     assert back.keys() == hf.keys()
     for k in hf:
         assert torch.equal(back[k], hf[k]), k
@@ -175,7 +177,7 @@ def test_mapping_round_trip_reproduces_published_layout_with_mtp(hf_mtp):
 def test_mapping_accepts_fused_transformers5_keys(hf_tiny):
     _, model = hf_tiny
     sd = model.state_dict()  # in-memory names: mlp.experts.gate_up_proj / down_proj
-    ours = {m.key: t for m, t in ck.iter_hf_to_ours(list(sd), sd.__getitem__, _layout())}
+    ours = {m.key: t for m, t in hm.iter_hf_to_ours(list(sd), sd.__getitem__, _layout())}
     assert ours["model.layers.2.mlp.experts.gate_up_proj"] is sd["model.layers.2.mlp.experts.gate_up_proj"]
 
 
@@ -187,7 +189,7 @@ def test_mapping_names_missing_unexpected_and_mismatched_keys(hf_mtp):
     keys.append("model.layers.2.mlp.experts.12.up_proj.weight")  # E = 12: ids 0..11
     keys.append("model.layers.9.input_layernorm.weight")          # past the MTP layers
     with pytest.raises(ValueError) as e:
-        list(ck.iter_hf_to_ours(keys, hf.__getitem__, layout))
+        list(hm.iter_hf_to_ours(keys, hf.__getitem__, layout))
     msg = str(e.value)
     assert "model.layers.2.mlp.experts.7.up_proj.weight" in msg and "missing" in msg
     assert "model.layers.2.mlp.experts.12.up_proj.weight" in msg and "model.layers.9.input_layernorm.weight" in msg
@@ -195,11 +197,11 @@ def test_mapping_names_missing_unexpected_and_mismatched_keys(hf_mtp):
     bad = dict(hf)
     bad["model.layers.1.mlp.experts.5.down_proj.weight"] = torch.zeros(32, 15)
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.experts\.5\.down_proj\.weight: shape \(32, 15\)"):
-        list(ck.iter_hf_to_ours(list(bad), bad.__getitem__, layout))
+        list(hm.iter_hf_to_ours(list(bad), bad.__getitem__, layout))
 
 
 def test_rotary_buffers_ignored():
-    plan = ck.plan_hf_keys(["model.layers.0.self_attn.rotary_emb.inv_freq", "model.norm.weight"], _layout())
+    plan = hm.plan_hf_keys(["model.layers.0.self_attn.rotary_emb.inv_freq", "model.norm.weight"], _layout())
     assert plan.ignored == ["model.layers.0.self_attn.rotary_emb.inv_freq"]
     assert [t.key for t in plan.tensors] == ["model.norm.weight"] and not plan.unexpected
 
@@ -211,7 +213,7 @@ def test_rotary_buffers_ignored():
 def test_fp8_dequantization_matches_direct_computation(shape):
     w = torch.randn(shape) * 3
     q, s = quantize_fp8_blockwise(w)
-    got = ck.dequantize_fp8_blockwise(q, s, torch.float32)
+    got = sio.dequantize_fp8_blockwise(q, s, torch.float32)
     direct = torch.empty(shape)
     for i in range(s.shape[0]):  # the definition, tile by tile
         for j in range(s.shape[1]):
@@ -219,43 +221,43 @@ def test_fp8_dequantization_matches_direct_computation(shape):
             direct[rows, cols] = q[rows, cols].float() * s[i, j]
     assert torch.equal(got, direct)
     assert_close(got, w, 0.07, 0.04, what="fp8 round trip")  # e4m3 keeps 3 mantissa bits
-    assert torch.equal(ck.dequantize_fp8_blockwise(q, s, torch.bfloat16), direct.bfloat16())
+    assert torch.equal(sio.dequantize_fp8_blockwise(q, s, torch.bfloat16), direct.bfloat16())
     with pytest.raises(ValueError, match=r"_scale_inv: shape"):
-        ck.dequantize_fp8_blockwise(q, s[:-1], torch.float32, name="w")
+        sio.dequantize_fp8_blockwise(q, s[:-1], torch.float32, name="w")
 
 
 def test_reader_dequantizes_fp8_and_refuses_missing_scale(tmp_path, hf_tiny):
     path, _ = hf_tiny
     hf = _read_all(path)
     make_hf_checkpoint(tmp_path / "fp8", hf, TINY, fp8=True)
-    ckpt = ck.SafetensorsCheckpoint(tmp_path / "fp8")
+    ckpt = sio.SafetensorsCheckpoint(tmp_path / "fp8")
     key = "model.layers.1.self_attn.kv_b_proj.weight"
-    assert key + ck.SCALE_SUFFIX not in ckpt.keys() and key in ckpt.keys()
+    assert key + sio.SCALE_SUFFIX not in ckpt.keys() and key in ckpt.keys()
     q, s = quantize_fp8_blockwise(hf[key])
     assert torch.equal(ckpt.get(key, torch.float32), q.float() * s[0, 0])
     assert ckpt.get(key).dtype == torch.bfloat16
 
-    index = json.loads((tmp_path / "fp8" / ck.INDEX_FILE).read_text())
-    del index["weight_map"][key + ck.SCALE_SUFFIX]
-    (tmp_path / "fp8" / ck.INDEX_FILE).write_text(json.dumps(index))
+    index = json.loads((tmp_path / "fp8" / sio.INDEX_FILE).read_text())
+    del index["weight_map"][key + sio.SCALE_SUFFIX]
+    (tmp_path / "fp8" / sio.INDEX_FILE).write_text(json.dumps(index))
     with pytest.raises(ValueError, match=rf"{key} is stored as float8_e4m3fn but {key}_scale_inv is absent"):
-        ck.SafetensorsCheckpoint(tmp_path / "fp8").get(key)
+        sio.SafetensorsCheckpoint(tmp_path / "fp8").get(key)
 
 
 def test_reader_refuses_pickles_and_names_missing_shards(tmp_path, hf_tiny):
     (tmp_path / "bin").mkdir()
     torch.save({"w": torch.ones(1)}, tmp_path / "bin" / "pytorch_model.bin")
     with pytest.raises(ValueError, match="pytorch_model.bin.*execute arbitrary code"):
-        ck.SafetensorsCheckpoint(tmp_path / "bin")
-    (tmp_path / "bin" / ck.INDEX_FILE).write_text(json.dumps({"weight_map": {"w": "pytorch_model.bin"}}))
+        sio.SafetensorsCheckpoint(tmp_path / "bin")
+    (tmp_path / "bin" / sio.INDEX_FILE).write_text(json.dumps({"weight_map": {"w": "pytorch_model.bin"}}))
     with pytest.raises(ValueError, match="non-safetensors.*arbitrary code"):
-        ck.SafetensorsCheckpoint(tmp_path / "bin")
+        sio.SafetensorsCheckpoint(tmp_path / "bin")
 
     path, _ = hf_tiny
     make_hf_checkpoint(tmp_path / "sharded", _read_all(path), TINY)
     (tmp_path / "sharded" / "model-00002-of-00003.safetensors").unlink()
     with pytest.raises(ValueError, match=r"shard model-00002-of-00003.safetensors .*holding model\.\S+ .*missing"):
-        ck.SafetensorsCheckpoint(tmp_path / "sharded")
+        sio.SafetensorsCheckpoint(tmp_path / "sharded")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -301,7 +303,7 @@ def test_from_pretrained_builds_on_meta_and_initializes_nothing_it_loads(hf_mtp,
         ours = DeepseekV3ForCausalLM.from_pretrained(path)
     assert inits == []
     hf = _read_all(path)
-    want = {m.key: t for m, t in ck.iter_hf_to_ours(list(hf), hf.__getitem__, _layout()) if m.op is not ck.Op.SHARED}
+    want = {m.key: t for m, t in hm.iter_hf_to_ours(list(hf), hf.__getitem__, _layout()) if m.op is not hm.Op.SHARED}
     got = ours.state_dict()
     assert got.keys() == want.keys()
     for k in want:
@@ -315,7 +317,7 @@ def test_from_pretrained_builds_on_meta_and_initializes_nothing_it_loads(hf_mtp,
     # missing_mtp="init": only the MTP modules are initialized (N(0, 0.02) weights, unit norms).
     path_no_mtp = tmp_path / "no_mtp"
     make_hf_checkpoint(path_no_mtp, {k: v for k, v in hf.items() if not k.startswith("model.layers.3.")},
-                       json.loads((path / ck.CONFIG_FILE).read_text()))
+                       json.loads((path / sio.CONFIG_FILE).read_text()))
     init = DeepseekV3ForCausalLM.from_pretrained(path_no_mtp, missing_mtp="init")
     assert torch.equal(init.model.layers[1].mlp.experts.down_proj, want["model.layers.1.mlp.experts.down_proj"])
     assert 0.015 < init.model.mtp[0].eh_proj.weight.std() < 0.025 and (init.model.mtp[0].enorm.weight == 1).all()
@@ -332,7 +334,7 @@ def test_from_pretrained_without_mtp_layers_and_dtype(hf_tiny):
     assert ours.model.layers[2].mlp.gate.e_score_correction_bias.dtype == torch.float32  # buffers keep theirs
     init = DeepseekV3ForCausalLM.from_pretrained(path, missing_mtp="init")  # options reach the loader
     assert len(init.model.mtp) == 1
-    with pytest.raises(ValueError, match="num_nextn_predict_layers=1 but the checkpoint holds no layer"):
+    with pytest.raises(ValueError, match="num_nextn_predict_layers=1 but the checkpoint holds no MTP layers"):
         DeepseekV3ForCausalLM.from_pretrained(path, missing_mtp="error")
 
 
@@ -341,7 +343,7 @@ def test_from_pretrained_reports_keys_and_shapes(tmp_path, hf_mtp):
 
     path, _ = hf_mtp
     hf = _read_all(path)
-    cfg = json.loads((path / ck.CONFIG_FILE).read_text())
+    cfg = json.loads((path / sio.CONFIG_FILE).read_text())
     broken = {k: v for k, v in hf.items() if k != "model.layers.0.mlp.up_proj.weight"}
     broken["model.layers.1.self_attn.o_proj.bias"] = torch.zeros(32)
     make_hf_checkpoint(tmp_path / "keys", broken, cfg)
