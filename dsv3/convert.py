@@ -241,19 +241,14 @@ def hf2dcp(input_dir: str | os.PathLike, output_dir: str | os.PathLike, dtype: t
            ignore_mtp_copies: bool = False, overwrite: bool = False,
            log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
     """Convert an HF safetensors checkpoint into a weights-only DCP checkpoint; returns run statistics."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-
     def report(msg: str) -> None:
         log(f"[hf2dcp] {msg}")
 
     src = open_hf_checkpoint(input_dir, missing_mtp="drop", report=report)
-    ckpt, layout = src.ckpt, src.layout
-    groups = ckpt.groups()
     info = json.loads(json.dumps({"format_version": FORMAT_VERSION, "direction": "hf2dcp",
                                   "dtype": str(dtype).removeprefix("torch."), "ignore_mtp_copies": ignore_mtp_copies,
-                                  "source": str(ckpt.path.resolve())}))
-    plans = {g: plan_hf_keys(keys, layout) for g, keys in groups.items()}
+                                  "source": str(src.ckpt.path.resolve())}))
+    plans = {g: plan_hf_keys(keys, src.layout) for g, keys in src.ckpt.groups().items()}
     out = Path(output_dir)
     tmp = out.with_name(out.name + ".partial")
     previous = _conversion_in(out)
@@ -264,8 +259,8 @@ def hf2dcp(input_dir: str | os.PathLike, output_dir: str | os.PathLike, dtype: t
                 report(f"{out} already holds this conversion of the source as it is now; nothing to do")
                 return {"skipped": True}
             if not overwrite:
-                raise ValueError(f"output {out} holds this conversion of an earlier state of {ckpt.path} ({why}); pass "
-                                 "--overwrite to convert it again")
+                raise ValueError(f"output {out} holds this conversion of an earlier state of {src.ckpt.path} ({why}); "
+                                 "pass --overwrite to convert it again")
         elif not overwrite:
             raise ValueError(f"output {out} exists and is not this conversion; pass --overwrite to replace it")
     partial = _conversion_in(tmp)
@@ -275,67 +270,81 @@ def hf2dcp(input_dir: str | os.PathLike, output_dir: str | os.PathLike, dtype: t
     (tmp / PARTS_DIR).mkdir(parents=True, exist_ok=True)
     _atomic_write(tmp / INFO_FILE, json.dumps(info, indent=2))
 
-    shard_groups: dict[str, set] = {}
-    for g, plan in plans.items():
-        for f in _shard_files(_sources(plan), src):
-            shard_groups.setdefault(f, set()).add(g)
-    total_bytes = sum(ckpt.nbytes(k) for k in ckpt.keys())
-    progress = Progress("hf2dcp", len(groups), total_bytes, len(shard_groups), log)
-    pool = _BufferPool()
-    crcs: dict[str, str] = {}   # HF name -> CRC-32 of its stored bytes, for the MTP-copy check
-    files: dict[str, str] = {}  # file of the output -> CRC-32, for checksums.json
-    done_groups: set = set()
-    bytes_done, t0, bytes_converted = 0, time.monotonic(), 0
-    for g, keys in groups.items():
-        part = tmp / PARTS_DIR / _part_name(g)
-        sources = _sources(plans[g])
-        group_bytes = sum(ckpt.nbytes(k) for k in keys)
-        record, why = _part_reusable(part, sources, src)
-        if record is not None:
-            crcs.update(record["tensors"])
-            check_mtp_copies(src, plans[g].tensors, crcs, ignore_mtp_copies, report)
-            files.update(record["files"])
-            bytes_done += group_bytes
-            done_groups.add(g)
-            progress.step(_label(g, layout), bytes_done, _shards_done(shard_groups, done_groups), skipped=True)
-            continue
-        if why:
-            report(f"{_label(g, layout)}: {why} since it was converted; converting it again")
-        shutil.rmtree(part, ignore_errors=True)  # a group interrupted mid-write is redone from scratch
-        pool.keep_only([(tuple(src.expected[m.key].shape), src.dtype_of(m.key, dtype))
-                        for m in plans[g].tensors if m.op is not Op.SHARED])
-        tensors = load_group(src, keys, dtype, crcs, ignore_mtp_copies, report, empty=pool.empty)
-        bytes_converted += sum(t.numel() * t.element_size() for t in tensors.values())
-        try:
-            with _single_process_dcp():
-                dcp.save({STATE_KEY: tensors}, storage_writer=dcp.FileSystemWriter(part), no_dist=True)
-        except (Exception, CheckpointException) as e:  # CheckpointException derives from BaseException
-            raise CheckpointError(f"cannot write {part}: {_one_line(e)}") from e
-        pool.give(tensors.values())
-        del tensors
-        part_files = {p.relative_to(tmp).as_posix(): _file_crc32(p) for p in sorted(part.iterdir()) if p.is_file()}
-        files.update(part_files)
-        _atomic_write(part / RECORD_FILE, json.dumps({
-            "tensors": {n: crcs[n] for n in sources},
-            "headers": {f: ckpt.header_crcs[f] for f in sorted(_shard_files(sources, src))},
-            "files": part_files}, indent=1))
-        bytes_done += group_bytes
-        done_groups.add(g)
-        progress.step(_label(g, layout), bytes_done, _shards_done(shard_groups, done_groups))
-
-    _merge_parts(tmp, [_part_name(g) for g in groups])
+    t0 = time.monotonic()
+    files, stats = _convert_parts(src, plans, tmp, dtype, ignore_mtp_copies, log)
+    _merge_parts(tmp, [_part_name(g) for g in plans])
     _atomic_write(tmp / CONFIG_FILE, json.dumps(_plain_config(src.hf_cfg, log), indent=2) + "\n")
     for p in [tmp / ".metadata", tmp / CONFIG_FILE, tmp / INFO_FILE] + [tmp / PARTS_DIR / _part_name(g) / RECORD_FILE
-                                                                        for g in groups]:
+                                                                        for g in plans]:
         files[p.relative_to(tmp).as_posix()] = _file_crc32(p)
     write_durable(tmp / CHECKSUM_FILE, json.dumps({"algorithm": "crc32", "files": dict(sorted(files.items()))},
                                                   indent=1))
     _fsync_tree(tmp)
     _publish_dir(tmp, out)
     seconds = time.monotonic() - t0
-    report(f"wrote {out}: {bytes_done / 2**20:.1f} MiB read in {seconds:.1f}s "
-           f"({bytes_done / 2**20 / max(seconds, 1e-9):.1f} MiB/s)")
-    return {"skipped": False, "bytes_read": bytes_done, "bytes_written": bytes_converted, "seconds": seconds}
+    report(f"wrote {out}: {stats['bytes_read'] / 2**20:.1f} MiB read in {seconds:.1f}s "
+           f"({stats['bytes_read'] / 2**20 / max(seconds, 1e-9):.1f} MiB/s)")
+    return {"skipped": False, **stats, "seconds": seconds}
+
+
+def _convert_parts(src: HFSource, plans: dict, tmp: Path, dtype: torch.dtype, ignore_mtp_copies: bool,
+                   log: Callable[[str], None]) -> tuple[dict[str, str], dict]:
+    """Convert each group the .partial folder `tmp` does not hold a matching part of into ``layers/<id>/`` (a DCP
+    save, then its record). Returns the CRC-32 of every part file (for checksums.json) and byte counts."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    def report(msg: str) -> None:
+        log(f"[hf2dcp] {msg}")
+
+    ckpt, layout, groups = src.ckpt, src.layout, src.ckpt.groups()
+    shard_groups: dict[str, set] = {}
+    for g, plan in plans.items():
+        for f in _shard_files(_sources(plan), src):
+            shard_groups.setdefault(f, set()).add(g)
+    progress = Progress("hf2dcp", len(plans), sum(ckpt.nbytes(k) for k in ckpt.keys()), len(shard_groups), log)
+    pool = _BufferPool()
+    crcs: dict[str, str] = {}   # HF name -> CRC-32 of its stored bytes, for the MTP-copy check
+    files: dict[str, str] = {}  # file of the output -> CRC-32, for checksums.json
+    done_groups: set = set()
+    bytes_done, bytes_converted = 0, 0
+    for g, plan in plans.items():
+        part = tmp / PARTS_DIR / _part_name(g)
+        sources = _sources(plan)
+        group_bytes = sum(ckpt.nbytes(k) for k in groups[g])
+        record, why = _part_reusable(part, sources, src)
+        if record is None:
+            if why:
+                report(f"{_label(g, layout)}: {why} since it was converted; converting it again")
+            shutil.rmtree(part, ignore_errors=True)  # a group interrupted mid-write is redone from scratch
+            pool.keep_only([(tuple(src.expected[m.key].shape), src.dtype_of(m.key, dtype))
+                            for m in plan.tensors if m.op is not Op.SHARED])
+            tensors = load_group(src, groups[g], dtype, crcs, ignore_mtp_copies, report, empty=pool.empty)
+            bytes_converted += sum(t.numel() * t.element_size() for t in tensors.values())
+            try:
+                with _single_process_dcp():
+                    dcp.save({STATE_KEY: tensors}, storage_writer=dcp.FileSystemWriter(part), no_dist=True)
+            except (Exception, CheckpointException) as e:  # CheckpointException derives from BaseException
+                raise CheckpointError(f"cannot write {part}: {_one_line(e)}") from e
+            pool.give(tensors.values())
+            del tensors
+            # The part counts as done once its record is written, after DCP has written and fsynced its files.
+            part_files = {p.relative_to(tmp).as_posix(): _file_crc32(p) for p in sorted(part.iterdir())
+                          if p.is_file()}
+            _atomic_write(part / RECORD_FILE, json.dumps({
+                "tensors": {n: crcs[n] for n in sources},
+                "headers": {f: ckpt.header_crcs[f] for f in sorted(_shard_files(sources, src))},
+                "files": part_files}, indent=1))
+            files.update(part_files)
+        else:
+            crcs.update(record["tensors"])
+            check_mtp_copies(src, plan.tensors, crcs, ignore_mtp_copies, report)
+            files.update(record["files"])
+        bytes_done += group_bytes
+        done_groups.add(g)
+        progress.step(_label(g, layout), bytes_done, _shards_done(shard_groups, done_groups),
+                      skipped=record is not None)
+    return files, {"bytes_read": bytes_done, "bytes_written": bytes_converted}
 
 
 def _publish_dir(tmp: Path, out: Path) -> None:
