@@ -1,25 +1,31 @@
-"""python -m bench [--quick] [--out FILE] [--only gemm,permute,swiglu,moe] [--device DEV] | --compile-report
+"""The one entry point of the benchmarks:
 
-Runs the grouped-GEMM, permute, SwiGLU and MoE-layer benchmarks on whatever device exists (CUDA if present, else
-CPU with small shapes), writes one JSON file (device name, torch/triton versions, date, every figure) and
-prints the tables last. --quick is the CI-sized run.
+    python -m bench [--quick] [--out FILE] [--only gemm,permute,swiglu,moe,fp8] [--device DEV] | --compile-report
+    python -m bench scale [...]        DeepSeek-V3 671B at scale, on paper (bench/scale.py; --help for its options)
+    python -m bench fp8-train [...]    the tiny model trained in fp32, bf16 and bf16 + FP8 experts (bench/fp8_train.py)
 
---compile-report compiles every grouped-GEMM tile config for sm_90a (no GPU needed) and prints registers
-per thread, spill bytes, local-memory instructions, HGMMA count and shared memory per config.
+Without a subcommand: the grouped-GEMM, permute, SwiGLU, MoE-layer and FP8 benchmarks on whatever device exists
+(CUDA if present, else CPU with small shapes), one JSON file (device name, torch/triton versions, date, every
+figure), the tables printed last. --quick is the CI-sized run. --compile-report compiles every grouped-GEMM
+tile config for sm_90a (no GPU needed) and prints registers per thread, spill bytes, local-memory instructions,
+wgmma count and shared memory per config.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from typing import Any
 
 import torch
 
-from . import bench_grouped_gemm, bench_moe, bench_permute, bench_swiglu, common
+from . import bench_fp8, bench_grouped_gemm, bench_moe, bench_permute, bench_swiglu, common
 
-BENCHES = {"gemm": bench_grouped_gemm, "permute": bench_permute, "swiglu": bench_swiglu, "moe": bench_moe}
+BENCHES = {"gemm": bench_grouped_gemm, "permute": bench_permute, "swiglu": bench_swiglu, "fp8": bench_fp8,
+           "moe": bench_moe}
+SUBCOMMANDS = ("scale", "fp8-train")
 DEFAULT_OUT = "bench-results.json"
 CPU_CAVEAT = ("CPU run: 'ours' is the PyTorch twin of each kernel on this host's cores; these figures check "
               "the harness and say nothing about GPU performance.")
@@ -93,7 +99,11 @@ def compile_table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        module = importlib.import_module(f".{argv[0].replace('-', '_')}", __package__)
+        return module.main(argv[1:])
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="CI-sized run")
     ap.add_argument("--out", default=None, help=f"JSON output file (default {DEFAULT_OUT})")
     ap.add_argument("--only", default=None, help="comma-separated subset of " + ",".join(BENCHES))

@@ -22,28 +22,23 @@ providers: ours, torch (the op's PyTorch twin on the same device), copy (one dev
 
 On CPU every dimension is divided by 32 and "ours" is the PyTorch twin of each op (the CPU path of the
 public functions): the figures check the harness end to end and say nothing about a GPU.
-Run as a script for the tables: python -m bench.bench_fp8.
+
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-if __package__ in (None, ""):  # run as a file (python bench/bench_fp8.py): make `bench` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    __package__ = "bench"
 
 from tritonmoe import kernels as K  # noqa: E402
 from tritonmoe.kernels import fp8 as F  # noqa: E402
 from tritonmoe.kernels._backend import force_twins  # noqa: E402
 
-from . import common  # noqa: E402
+from . import common
 
 NAME = "fp8"
 GEMM_PROVIDERS = ("fp8", "bf16", "scaled_grouped_mm")
@@ -254,14 +249,3 @@ def table(rows: list[dict[str, Any]]) -> str:
                             "FP8 quantize (GB/s of bytes read + written; vs_best_peer = ours / torch twin; "
                             "of_ceiling = ours / device copy)"),
     ])
-
-
-def main(argv: list[str] | None = None) -> None:
-    """This benchmark alone, through the driver (same options, thread policy and JSON as python -m bench)."""
-    from . import __main__ as driver
-
-    driver.main(["--only", "fp8", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    main()

@@ -12,24 +12,18 @@ Providers, all timed on the same buffers in one run:
   grouped_mm  torch._grouped_mm with int32 offsets (the formulas its backward uses, called directly)
   loop        one torch.mm per group; group sizes read on the host beforehand (the sync is not timed)
   dense       one torch.mm with the same FLOPs, 2*M*N*K (the practical ceiling)
-Rate: TFLOP/s = 2*M*N*K / median time. Run as a script for a table: python -m bench.bench_grouped_gemm.
+Rate: TFLOP/s = 2*M*N*K / median time.
 """
 
 from __future__ import annotations
 
-import sys
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-if __package__ in (None, ""):  # run as a file (python bench/bench_grouped_gemm.py): make `bench` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    __package__ = "bench"
-
-from . import common  # noqa: E402
+from . import common
 
 NAME = "grouped_gemm"
 PROVIDERS = ("ours", "grouped_mm", "loop", "dense")
@@ -229,14 +223,3 @@ def table(rows: list[dict[str, Any]]) -> str:
     return common.format_table(rows, CASE_KEYS, PROVIDERS,
                                "grouped GEMM (TFLOP/s; vs_best_peer = ours / best of grouped_mm, loop; "
                                "of_ceiling = ours / dense mm)")
-
-
-def main(argv: list[str] | None = None) -> None:
-    """This benchmark alone, through the driver (same options, thread policy and JSON as python -m bench)."""
-    from . import __main__ as driver
-
-    driver.main(["--only", "gemm", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    main()

@@ -13,26 +13,20 @@ provider whose output or input gradient disagrees is reported with the error and
   hf_grouped  transformers' DeepseekV3MoE, experts_implementation "grouped_mm"
   titan       torchtitan's recipe: torch index permutes around torch._grouped_mm (no padding of groups)
 The timed step is y = layer(x); autograd.grad(y, [x, *params], dy) — everything a training step asks of
-the layer. Rate: tokens/s = T / median time. Run as a script for a table: python -m bench.bench_moe.
+the layer. Rate: tokens/s = T / median time.
 """
 
 from __future__ import annotations
 
 import copy
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if __package__ in (None, ""):  # run as a file (python bench/bench_moe.py): make `bench` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    __package__ = "bench"
-
-from . import common  # noqa: E402
+from . import common
 
 NAME = "moe"
 PROVIDERS = ("ours", "hf_grouped", "titan", "hf_eager")
@@ -200,14 +194,3 @@ def table(rows: list[dict[str, Any]]) -> str:
     return common.format_table(rows, CASE_KEYS, PROVIDERS,
                                "MoE layer forward+backward (tokens/s; vs_best_peer = ours / best of hf_grouped, "
                                "titan, hf_eager)", ratio_keys=("vs_best_peer", *(f"vs_{p}" for p in PEERS)))
-
-
-def main(argv: list[str] | None = None) -> None:
-    """This benchmark alone, through the driver (same options, thread policy and JSON as python -m bench)."""
-    from . import __main__ as driver
-
-    driver.main(["--only", "moe", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    main()

@@ -15,25 +15,19 @@ Providers, same buffers, one run:
                unpermute: index_add_ of weighted rows into [T,H], with the row -> token map and per-row
                weights computed beforehand (untimed, as a dispatcher that kept them from permute would)
   copy         one device copy moving the same number of bytes (the ceiling)
-Forward only. Run as a script for a table: python -m bench.bench_permute.
+Forward only.
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from tritonmoe.kernels import permute_torch
 
-if __package__ in (None, ""):  # run as a file (python bench/bench_permute.py): make `bench` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    __package__ = "bench"
-
-from . import common  # noqa: E402
+from . import common
 
 NAME = "permute"
 PROVIDERS = ("ours", "torch_index", "copy")
@@ -147,14 +141,3 @@ def table(rows: list[dict[str, Any]]) -> str:
     return common.format_table(rows, CASE_KEYS, PROVIDERS,
                                "permute / unpermute (GB/s of activation bytes; vs_best_peer = ours / torch_index; "
                                "of_ceiling = ours / copy)")
-
-
-def main(argv: list[str] | None = None) -> None:
-    """This benchmark alone, through the driver (same options, thread policy and JSON as python -m bench)."""
-    from . import __main__ as driver
-
-    driver.main(["--only", "permute", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    main()

@@ -13,23 +13,17 @@ Providers, same buffers, one run:
   torch_eager  F.silu(gate) * up on the two halves, as transformers' experts and torchtitan write it
   copy         one device copy moving the same number of bytes (the ceiling)
 saved_mib is what autograd keeps alive for the backward (measured with saved_tensors_hooks, storages counted
-once). Run as a script for a table: python -m bench.bench_swiglu.
+once).
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-if __package__ in (None, ""):  # run as a file (python bench/bench_swiglu.py): make `bench` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    __package__ = "bench"
-
-from . import common  # noqa: E402
+from . import common
 
 NAME = "swiglu"
 PROVIDERS = ("ours", "torch_eager", "copy")
@@ -120,14 +114,3 @@ def table(rows: list[dict[str, Any]]) -> str:
                                "of_ceiling = ours / copy)")
     saved = sorted({(r["R"], r["I"], r["provider"], r["saved_mib"]) for r in rows if "saved_mib" in r})
     return text + "\n  saved for backward (MiB): " + "; ".join(f"R={R} I={I} {p}={m}" for R, I, p, m in saved)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """This benchmark alone, through the driver (same options, thread policy and JSON as python -m bench)."""
-    from . import __main__ as driver
-
-    driver.main(["--only", "swiglu", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    main()

@@ -1,8 +1,8 @@
 """DeepSeek-V3 671B at full scale, on paper: per-GPU memory and step time for EP x FSDP and PP x EP x FSDP
 layouts on H100s, and a search for the best layout that fits.
 
-python -m bench.scale [--tokens-per-gpu 4096] [--seq 4096] [--global-batch-seqs 15360] [--json FILE]
-python -m bench.scale --gpus 512 --pp 8 --ep 32 --schedule Interleaved1F1B --pp-stages-per-rank 2
+python -m bench scale [--tokens-per-gpu 4096] [--seq 4096] [--global-batch-seqs 15360] [--json FILE]
+python -m bench scale --gpus 512 --pp 8 --ep 32 --schedule Interleaved1F1B --pp-stages-per-rank 2
 
 In: the `671b` preset (parameters counted on a model built on the meta device, cross-checked against a
 closed-form count from the config), per-token FLOPs and activation sizes derived from the config, kernel
@@ -730,7 +730,7 @@ def table(rows: list[dict[str, Any]], columns=COLUMNS) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m bench scale", description=__doc__.splitlines()[0])
     ap.add_argument("--tokens-per-gpu", type=int, default=4096, help="tokens per GPU per micro-batch")
     ap.add_argument("--seq", type=int, default=4096, help="sequence length (DeepSeek-V3 pre-training: 4096)")
     ap.add_argument("--global-batch-seqs", type=int, default=15360,
@@ -831,7 +831,3 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1)
     return doc
-
-
-if __name__ == "__main__":
-    main()

@@ -44,11 +44,9 @@ MISSING_MTP_POLICIES = ("drop", "init", "error")
 
 
 def fp32_tensors(model: nn.Module) -> frozenset[str]:
-    """Our tensors that stay fp32 whatever dtype the rest loads in: each router's weight and balancing bias."""
-    from .moe import Router
-
-    return frozenset(f"{name}.{t}" for name, m in model.named_modules() if isinstance(m, Router)
-                     for t in ("weight", "e_score_correction_bias"))
+    """Our tensors that stay fp32 whatever dtype the rest loads in: those a module lists in its ``keeps_fp32``
+    (each router's weight and balancing bias)."""
+    return frozenset(f"{name}.{t}" for name, m in model.named_modules() for t in getattr(m, "keeps_fp32", ()))
 
 
 @dataclass
@@ -87,14 +85,12 @@ class HFSource:
         return counts.most_common(1)[0][0] if counts else torch.float32
 
 
-def build_meta_model(hf_cfg: Mapping, cls: type | None = None, source: object = CONFIG_FILE) -> nn.Module:
-    """Our model (`cls`, DeepseekV3ForCausalLM if None) built from a config dict on the meta device: no memory and
-    no random init for weights a checkpoint overwrites (at 671B the init alone is 1.3 TB of normal_ in bf16).
-    ValueError naming `source` when the config is invalid."""
+def build_meta_model(hf_cfg: Mapping, cls: type, source: object = CONFIG_FILE) -> nn.Module:
+    """Our model class `cls` (DeepseekV3ForCausalLM; the caller passes it, so this module never imports the model)
+    built from a config dict on the meta device: no memory and no random init for weights a checkpoint overwrites
+    (at 671B the init alone is 1.3 TB of normal_ in bf16). ValueError naming `source` when the config is invalid."""
     from .config import DeepseekV3Config
 
-    if cls is None:
-        from .model import DeepseekV3ForCausalLM as cls
     try:
         cfg = DeepseekV3Config.from_hf(dict(hf_cfg))
     except (ValueError, TypeError) as e:
@@ -103,9 +99,9 @@ def build_meta_model(hf_cfg: Mapping, cls: type | None = None, source: object = 
         return cls(cfg)
 
 
-def open_hf_checkpoint(hf_dir: str | os.PathLike, cls: type | None = None, missing_mtp: str = "drop",
+def open_hf_checkpoint(hf_dir: str | os.PathLike, cls: type, missing_mtp: str = "drop",
                        report: Callable[[str], None] = warnings.warn) -> HFSource:
-    """Open an HF checkpoint for our model class `cls` (DeepseekV3ForCausalLM if None): read index, headers and
+    """Open an HF checkpoint for our model class `cls` (DeepseekV3ForCausalLM): read index, headers and
     config, apply the missing-MTP policy, build the model on the meta device and check every key against it.
 
     missing_mtp: what to do when config.json asks for MTP modules but the checkpoint holds none (transformers'

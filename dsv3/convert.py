@@ -49,22 +49,22 @@ import shutil
 import sys
 import time
 import warnings
-import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ..parallel.checkpoint import (CHECKSUM_FILE, CheckpointError, _fsync, is_complete, load_dcp, read_dcp_metadata,
-                                   verify_checksums, write_durable)
+from ..parallel.checkpoint import (CHECKSUM_FILE, CheckpointError, file_crc32, fsync_path, is_complete, load_dcp,
+                                   read_dcp_metadata, verify_checksums, write_durable)
 from .checkpoint import (HFSource, build_meta_model, check_mtp_copies, load_group, open_hf_checkpoint,
                          write_hf_checkpoint)
 from .hf_mapping import CheckpointLayout, Op, check_against, is_mtp_key, ours_groups, plan_hf_keys
+from .model import DeepseekV3ForCausalLM
 from .safetensors_io import CONFIG_FILE, INDEX_FILE, read_json
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-STATE_KEY = "model"          # the DCP entry holding the model state dict (PLAN.md)
+STATE_KEY = "model"          # the DCP entry holding the model state dict (as training checkpoints name it)
 PARTS_DIR = "layers"
 INFO_FILE = "convert.json"
 RECORD_FILE = "source.json"  # in each part: what it was converted from
@@ -120,23 +120,12 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[-1] if lines else ''}"
 
 
-def _file_crc32(path: Path, chunk: int = 4 << 20) -> str:
-    """CRC-32 of a file as checksums.json records it, read through one 4 MiB buffer (parallel.checkpoint's reader
-    takes 64 MiB chunks: hashing each written part that way added a part's size to hf2dcp's peak memory)."""
-    crc, buf = 0, bytearray(chunk)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            crc = zlib.crc32(view[:n], crc)
-    return f"{crc:08x}"
-
-
 def _fsync_tree(root: Path) -> None:
     """fsync every file and folder under root, deepest first (files already synced cost next to nothing)."""
     for folder, _, files in os.walk(root, topdown=False):
         for name in files:
-            _fsync(Path(folder) / name)
-        _fsync(Path(folder))
+            fsync_path(Path(folder) / name)
+        fsync_path(Path(folder))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -244,7 +233,7 @@ def hf2dcp(input_dir: str | os.PathLike, output_dir: str | os.PathLike, dtype: t
     def report(msg: str) -> None:
         log(f"[hf2dcp] {msg}")
 
-    src = open_hf_checkpoint(input_dir, missing_mtp="drop", report=report)
+    src = open_hf_checkpoint(input_dir, DeepseekV3ForCausalLM, missing_mtp="drop", report=report)
     info = json.loads(json.dumps({"format_version": FORMAT_VERSION, "direction": "hf2dcp",
                                   "dtype": str(dtype).removeprefix("torch."), "ignore_mtp_copies": ignore_mtp_copies,
                                   "source": str(src.ckpt.path.resolve())}))
@@ -276,7 +265,7 @@ def hf2dcp(input_dir: str | os.PathLike, output_dir: str | os.PathLike, dtype: t
     _atomic_write(tmp / CONFIG_FILE, json.dumps(_plain_config(src.hf_cfg, log), indent=2) + "\n")
     for p in [tmp / ".metadata", tmp / CONFIG_FILE, tmp / INFO_FILE] + [tmp / PARTS_DIR / _part_name(g) / RECORD_FILE
                                                                         for g in plans]:
-        files[p.relative_to(tmp).as_posix()] = _file_crc32(p)
+        files[p.relative_to(tmp).as_posix()] = file_crc32(p)
     write_durable(tmp / CHECKSUM_FILE, json.dumps({"algorithm": "crc32", "files": dict(sorted(files.items()))},
                                                   indent=1))
     _fsync_tree(tmp)
@@ -329,7 +318,7 @@ def _convert_parts(src: HFSource, plans: dict, tmp: Path, dtype: torch.dtype, ig
             pool.give(tensors.values())
             del tensors
             # The part counts as done once its record is written, after DCP has written and fsynced its files.
-            part_files = {p.relative_to(tmp).as_posix(): _file_crc32(p) for p in sorted(part.iterdir())
+            part_files = {p.relative_to(tmp).as_posix(): file_crc32(p) for p in sorted(part.iterdir())
                           if p.is_file()}
             _atomic_write(part / RECORD_FILE, json.dumps({
                 "tensors": {n: crcs[n] for n in sources},
@@ -357,7 +346,7 @@ def _publish_dir(tmp: Path, out: Path) -> None:
             shutil.rmtree(old)
         out.rename(old)
     os.replace(tmp, out)
-    _fsync(out.parent)
+    fsync_path(out.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -431,7 +420,7 @@ def dcp2hf(input_dir: str | os.PathLike, output_dir: str | os.PathLike, config: 
             stored[key] = meta
     if not stored:
         raise ValueError(f"{src} has no '{STATE_KEY}' entry with tensors")
-    expected = build_meta_model(hf_cfg, source=cfg_path).state_dict()
+    expected = build_meta_model(hf_cfg, DeepseekV3ForCausalLM, source=cfg_path).state_dict()
     has_mtp = any(is_mtp_key(k) for k in stored)
     check_against(stored, expected, layout, skip_missing=is_mtp_key if not has_mtp else None)
     for key, meta in stored.items():

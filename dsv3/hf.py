@@ -1,6 +1,6 @@
 """The tritonmoe entry of transformers' experts registry: run the experts of any transformers MoE model on our
 kernels with ``experts_implementation="tritonmoe"`` (this module is that registry entry, not HF checkpoint I/O,
-which lives in dsv3/checkpoint.py).
+which lives in dsv3/checkpoint.py, hf_mapping.py and safetensors_io.py).
 
 transformers 5 routes every experts module decorated with ``@use_experts_implementation`` through a registry
 (``transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS``); the model's own router has already picked the

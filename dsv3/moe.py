@@ -124,15 +124,24 @@ class Router(nn.Module):
         """weight N(0, initializer_range); the balancing bias and the token counters 0."""
         return InitRule("normal", self.std) if name == "weight" else InitRule("zeros")
 
+    # The tensors that stay fp32 whatever the model's dtype (checkpoint loading and conversion read this too):
+    # routing decisions flip on small score differences (a bf16 router weight changed the expert set of 1.8% of
+    # tokens, see parallel/fsdp.py), and the bias's updates (1e-3) are below bf16 resolution near 1.
+    keeps_fp32 = ("weight", "e_score_correction_bias")
+
     def _apply(self, fn, recurse=True):
-        # model.to(bf16) must not round the bias: its updates (1e-3) are below bf16 resolution near 1. Nor the
-        # logged loss total, which sums many small terms.
-        kept = {name: self._buffers[name] for name in ("e_score_correction_bias", "aux_loss_total")}
+        # model.to(bf16) must not round what keeps_fp32 names, nor the logged loss total (many small terms).
+        # .data for a parameter: the tensor it holds now (torch swaps the parameter's data, not the parameter).
+        kept = {name: getattr(self, name).data for name in (*self.keeps_fp32, "aux_loss_total")}
         super()._apply(fn, recurse)
         for name, before in kept.items():
-            moved = self._buffers[name]
-            if moved.dtype != torch.float32:
-                self._buffers[name] = before.to(device=moved.device, dtype=torch.float32)
+            moved = getattr(self, name)
+            if moved.dtype != torch.float32 and before.dtype == torch.float32:
+                value = before.detach().to(device=moved.device, dtype=torch.float32)
+                if isinstance(moved, nn.Parameter):
+                    moved.data = value
+                else:
+                    self._buffers[name] = value
         return self
 
     def forward(self, x_TH: torch.Tensor, num_seqs: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -278,11 +278,12 @@ class Pipeline:
         elif self.embedding_group is not None and (first is not None or replica is not None):
             dist.all_reduce(_local((first if first is not None else replica).grad), group=self.embedding_group)
 
-    def norm_parameters(self) -> list[nn.Parameter]:
-        """Every parameter of this rank's stages for the global gradient norm, the embedding replica left out (its
-        gradient equals the first stage's copy's)."""
+    def norm_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(every parameter of this rank's stages but the embedding replica, [the replica]): the norm counts the
+        first stage's copy only (their gradients are equal), clipping scales both."""
         _, replica = self.embeddings()
-        return [p for m in self.modules for p in m.parameters() if p is not replica]
+        return ([p for m in self.modules for p in m.parameters() if p is not replica],
+                [replica] if replica is not None else [])
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

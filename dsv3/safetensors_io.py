@@ -35,7 +35,7 @@ from typing import Iterable
 
 import torch
 
-from ..parallel.checkpoint import _fsync, write_durable
+from ..parallel.checkpoint import fsync_path, write_durable
 from .hf_mapping import check_part_shape, hf_groups, natural
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -431,13 +431,13 @@ def publish(tmp: Path, out_dir: Path) -> None:
 
     Durable: the shards and index were fsynced when written, `tmp` is fsynced before anything moves, and `out_dir`
     after; the index moves last and the old one goes first, so a crash leaves no index over missing shards."""
-    _fsync(tmp)
+    fsync_path(tmp)
     out_dir.mkdir(parents=True, exist_ok=True)
     old = sorted((p for p in out_dir.iterdir() if is_hf_checkpoint_file(p.name)), key=lambda p: p.name != INDEX_FILE)
     for p in old:
         p.unlink()
     for f in sorted(tmp.iterdir(), key=lambda p: (p.name == INDEX_FILE, p.name)):
         os.replace(f, out_dir / f.name)
-    _fsync(out_dir)
+    fsync_path(out_dir)
     tmp.rmdir()
-    _fsync(out_dir.parent)
+    fsync_path(out_dir.parent)

@@ -823,8 +823,8 @@ def train_step(run: Run, step: int) -> dict:
         sums += torch.stack([aux.double(), sums.new_zeros(()), sums.new_zeros(()), aux.double()])
     # Global gradient norm over dense and expert shards (clipped to --clip unless it is 0), and the step's losses
     # summed over ranks: one host copy, before the optimizer step, so that a non-finite value stops the run first.
-    params = run.pipeline.norm_parameters() if run.pipeline is not None else model.parameters()
-    grad_norm = clip_grad_norm_(params, args.clip if args.clip > 0 else math.inf)
+    params, replicas = run.pipeline.norm_parameters() if run.pipeline is not None else (model.parameters(), ())
+    grad_norm = clip_grad_norm_(params, args.clip if args.clip > 0 else math.inf, replicas=replicas)
     dist.all_reduce(sums)  # every rank's share (under --pp: the last stages' losses, every stage's seq-aux)
     loss, lm_loss, mtp_loss, aux_loss, grad_norm = torch.cat([sums, grad_norm.double().view(1)]).tolist()
     if not all(math.isfinite(v) for v in (loss, lm_loss, mtp_loss, aux_loss)):

@@ -388,8 +388,10 @@ def _with_weight_grad(y: torch.Tensor, w: torch.Tensor, x: torch.Tensor, group_s
     """y, with w's gradient wired through a node of its own (see the section comment)."""
     if not (w.requires_grad and torch.is_grad_enabled()):
         return y
-    return _JoinWeightGrad.apply(y, _WeightGradLink.apply(w, x, group_sizes, x_rows, y.shape[0], y.shape[1],
-                                                          y.dtype))
+    # x detached: the link's only autograd edge is w's, so an input-gradient pass (autograd.grad w.r.t. the
+    # activations) never runs it; with x attached it did, and a zero-bubble schedule computed dW twice.
+    return _JoinWeightGrad.apply(y, _WeightGradLink.apply(w, x.detach(), group_sizes, x_rows, y.shape[0],
+                                                          y.shape[1], y.dtype))
 
 
 def _grouped_gemm_kernels(x, w, group_sizes):

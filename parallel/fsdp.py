@@ -145,15 +145,18 @@ def _replication(t: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def clip_grad_norm_(parameters, max_norm: float, group=None) -> torch.Tensor:
+def clip_grad_norm_(parameters, max_norm: float, group=None, replicas=()) -> torch.Tensor:
     """Clip gradients by their global L2 norm over all ranks and meshes; returns the norm before clipping.
 
     Each rank sums the squares of its local gradient shards, divided by how many ranks hold the same
     elements (1 under FSDP, the world for a plain replicated tensor), and one all-reduce over `group`
     (default: the world) adds dense and expert contributions together. Computed in fp32, without a host
-    sync. max_norm=inf only measures the norm (the gradients are left as they are).
+    sync. max_norm=inf only measures the norm (the gradients are left as they are). `replicas`: parameters that
+    copy others in `parameters` (a pipeline's embedding replica, whose gradient equals its original's): scaled
+    with the rest, not counted in the norm a second time.
     """
     grads = [p.grad for p in parameters if p.grad is not None]
+    scaled = grads + [p.grad for p in replicas if p.grad is not None]
     device = grads[0].device if grads else torch.device("cpu")
     total_sq = torch.zeros((), dtype=torch.float32, device=device)
     for g in grads:
@@ -165,6 +168,6 @@ def clip_grad_norm_(parameters, max_norm: float, group=None) -> torch.Tensor:
     if math.isinf(max_norm):
         return norm
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    for g in grads:
+    for g in scaled:
         (g.to_local() if isinstance(g, DTensor) else g).mul_(scale.to(g.dtype))
     return norm

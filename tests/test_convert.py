@@ -19,6 +19,7 @@ import torch
 from helpers import assert_close
 from test_checkpoint import TINY, _read_all, hf_mtp, hf_tiny, make_hf_checkpoint, quantize_fp8_blockwise  # noqa: F401
 from tritonmoe.dsv3 import hf_mapping as hm
+from tritonmoe.dsv3.model import DeepseekV3ForCausalLM
 from tritonmoe.dsv3 import safetensors_io as sio
 from tritonmoe.dsv3 import convert
 
@@ -203,7 +204,8 @@ _MEASURE = textwrap.dedent("""
     # Everything the converter imports and builds besides tensor data, before the baseline: the bound is on
     # the memory that tensors take, not on code.
     from tritonmoe.dsv3.checkpoint import build_meta_model
-    build_meta_model(json.load(open(sys.argv[4])))
+    from tritonmoe.dsv3.model import DeepseekV3ForCausalLM
+    build_meta_model(json.load(open(sys.argv[4])), DeepseekV3ForCausalLM)
     # Copies and casts are memory-bound; with 2 contended cores, OpenMP threads made them ~50x slower here.
     torch.set_num_threads(1)
     def hwm():
@@ -226,7 +228,7 @@ def _write_big_checkpoint(out: Path) -> int:
     layer's bytes."""
     from tritonmoe.dsv3.checkpoint import build_meta_model, fp32_tensors, write_hf_checkpoint
 
-    model = build_meta_model(BIG)
+    model = build_meta_model(BIG, DeepseekV3ForCausalLM)
     expected, fp32 = model.state_dict(), fp32_tensors(model)
     specs = {k: (tuple(t.shape), torch.float32 if k in fp32 else torch.bfloat16) for k, t in expected.items()}
     layout = hm.CheckpointLayout.from_hf_config(BIG)

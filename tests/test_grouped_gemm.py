@@ -389,3 +389,36 @@ def test_gather_ops_torch_library_registration():
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     torch.library.opcheck(gg_module._grouped_mm_wgrad_op, (torch.randn(T * K, 8), x.detach(), sizes, src),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("gather", [False, True], ids=["plain", "gathered"])
+def test_input_and_weight_gradients_are_separate_autograd_nodes(gather):
+    # A zero-bubble pipeline schedule asks autograd for the activations' gradient, then for the weights': each
+    # pass must launch only its own GEMM (before the weight-gradient node took x detached, the first pass also
+    # ran the weight gradient, so dW was computed twice).
+    from tritonmoe.kernels import gather_grouped_gemm, permute
+
+    calls = {"mm": 0, "wgrad": 0}
+    real_mm, real_wgrad = gg_module._grouped_mm_launch, gg_module._grouped_mm_wgrad_launch
+
+    def count(kind, fn):
+        return lambda *a, **k: calls.__setitem__(kind, calls[kind] + 1) or fn(*a, **k)
+
+    x = torch.randn(6, 16, requires_grad=True)
+    w = torch.randn(3, 8, 16, requires_grad=True)
+    try:
+        gg_module._grouped_mm_launch = count("mm", real_mm)
+        gg_module._grouped_mm_wgrad_launch = count("wgrad", real_wgrad)
+        if gather:
+            _, sizes, row_map = permute(x.detach(), _routing(6, 2, 3), 3)
+            src = torch.argsort(row_map.reshape(-1)) // 2  # the token of each expert-ordered row
+            y = gather_grouped_gemm(x, w, sizes, src, row_map)
+        else:
+            y = grouped_gemm(x, w, torch.tensor([2, 0, 4]))
+        assert calls == {"mm": 1, "wgrad": 0}
+        torch.autograd.grad(y.sum(), inputs=[x], retain_graph=True)
+        assert calls == {"mm": 2, "wgrad": 0}  # dX only
+        torch.autograd.grad(y.sum(), inputs=[w])
+        assert calls == {"mm": 2, "wgrad": 1}  # dW only
+    finally:
+        gg_module._grouped_mm_launch, gg_module._grouped_mm_wgrad_launch = real_mm, real_wgrad
