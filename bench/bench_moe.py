@@ -121,7 +121,7 @@ def build_layers(s: LayerShape, device: torch.device, dtype: torch.dtype) -> dic
                                num_experts_per_tok=s.K, n_group=s.n_group, topk_group=s.topk_group,
                                n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True)
         ours = MoE(cfg).to(dtype)  # the router keeps its bias in fp32 whatever the dtype
-        ours.load_state_dict(ref.state_dict())  # same names as transformers' in-memory layout (DESIGN.md)
+        ours.load_state_dict(ref.state_dict())  # the same parameter names as transformers
         layers = {"ours": ours, **layers}
     for m in layers.values():
         m.train()

@@ -1,8 +1,8 @@
 """The tiny model trained three times from the same seed on the same data: fp32, bf16 mixed precision, and bf16
-with the routed experts' GEMMs in FP8 (train --fp8): python -m bench fp8-train [--steps 200] [--out DIR]
+with the routed experts' GEMMs in FP8 (train --fp8): python -m bench fp8-train [--steps 200] [--seeds N] [--out DIR]
 
 Out: DIR/fp8_train.json (every step's losses of the three runs, the comparison below, device and versions) and
-DIR/fp8_train.png (the three loss curves). The comparison (DESIGN.md): the mean training loss of the last 50
+DIR/fp8_train.png (the three loss curves). The comparison (the project's acceptance bar): the mean training loss of the last 50
 steps, FP8 against bf16, relative; the bar is max(0.5%, twice the bf16-vs-fp32 difference of the same run). The
 DeepSeek-V3 report's figure (relative loss error below 0.25% against BF16) is for its large models and
 trillion-token runs, stated beside ours, not asserted on a 0.3M-parameter model.
@@ -28,8 +28,7 @@ RUNS = {"fp32": ["--mixed-precision", "none"], "bf16": ["--mixed-precision", "bf
 
 def _train(steps: int, extra: list[str], out: Path, args) -> list[dict]:
     cmd = [sys.executable, "-m", "tritonmoe.dsv3.train", "--steps", str(steps), "--batch-size", str(args.batch_size),
-           "--seq-len", str(args.seq_len), "--val-every", "0", "--log-every", "50", "--seed", str(args.seed),
-           "--out", str(out), *extra]
+           "--seq-len", str(args.seq_len), "--val-every", "0", "--log-every", "50", "--out", str(out), *extra]
     subprocess.run(cmd, check=True)
     return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -50,24 +49,45 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="repeat the three runs for seeds SEED .. SEED+N-1: on the tiny model one run's tail mean "
+                         "is a noisy draw (routing flips make the trajectories diverge), the spread says how noisy")
     ap.add_argument("--out", default="bench-fp8-train", help="folder for the JSON and the PNG")
     args = ap.parse_args(argv)
+    if args.seeds < 1:
+        ap.error(f"--seeds must be >= 1, got {args.seeds}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        records = {name: _train(args.steps, extra, Path(tmp) / name.replace(" ", "_"), args)
-                   for name, extra in RUNS.items()}
-    curves = {name: [r["loss"] for r in recs] for name, recs in records.items()}
-    doc = {"meta": common.device_info(common.pick_device("cpu")), "args": vars(args), "losses": curves,
-           "lm_losses": {name: [r["lm_loss"] for r in recs] for name, recs in records.items()},
-           "comparison": compare(curves)}
+    per_seed = []
+    for seed in range(args.seed, args.seed + args.seeds):
+        with tempfile.TemporaryDirectory() as tmp:
+            records = {name: _train(args.steps, [*extra, "--seed", str(seed)], Path(tmp) / name.replace(" ", "_"),
+                                    args) for name, extra in RUNS.items()}
+        curves = {name: [r["loss"] for r in recs] for name, recs in records.items()}
+        per_seed.append({"seed": seed, "losses": curves,
+                         "lm_losses": {name: [r["lm_loss"] for r in recs] for name, recs in records.items()},
+                         "comparison": compare(curves)})
+        c = per_seed[-1]["comparison"]
+        print(f"seed {seed}: mean loss of the last {c['window']} steps: "
+              + ", ".join(f"{k} {v:.4f}" for k, v in c["mean_tail_loss"].items())
+              + f"; FP8 vs bf16 {c['fp8_vs_bf16_rel']:.3%} (bar {c['bar']:.2%} = max(0.5%, 2 x bf16 vs fp32 "
+                f"{c['bf16_vs_fp32_rel']:.3%})) {'within' if c['within_bar'] else 'OVER'} the bar")
+    first = per_seed[0]
+    doc = {"meta": common.device_info(common.pick_device("cpu")), "args": vars(args), "losses": first["losses"],
+           "lm_losses": first["lm_losses"], "comparison": first["comparison"], "per_seed": per_seed}
+    if len(per_seed) > 1:
+        fp8 = [p["comparison"]["fp8_vs_bf16_rel"] for p in per_seed]
+        bf16 = [p["comparison"]["bf16_vs_fp32_rel"] for p in per_seed]
+        doc["over_seeds"] = {"seeds": len(per_seed), "fp8_vs_bf16_rel_mean": sum(fp8) / len(fp8),
+                             "bf16_vs_fp32_rel_mean": sum(bf16) / len(bf16),
+                             "within_bar": sum(p["comparison"]["within_bar"] for p in per_seed)}
+        o = doc["over_seeds"]
+        print(f"{o['seeds']} seeds: FP8 vs bf16 {o['fp8_vs_bf16_rel_mean']:.3%} on average "
+              f"(max {max(fp8):.3%}), bf16 vs fp32 {o['bf16_vs_fp32_rel_mean']:.3%} (max {max(bf16):.3%}); "
+              f"{o['within_bar']} of {o['seeds']} within their run's bar")
     (out / "fp8_train.json").write_text(json.dumps(doc, indent=1))
-    _plot(curves, doc["comparison"], out / "fp8_train.png")
-    c = doc["comparison"]
-    print(f"mean loss of the last {c['window']} steps: "
-          + ", ".join(f"{k} {v:.4f}" for k, v in c["mean_tail_loss"].items())
-          + f"\nFP8 vs bf16: {c['fp8_vs_bf16_rel']:.3%} (bar {c['bar']:.2%} = max(0.5%, 2 x bf16 vs fp32 "
-            f"{c['bf16_vs_fp32_rel']:.3%})); wrote {out / 'fp8_train.json'} and {out / 'fp8_train.png'}")
+    _plot(first["losses"], first["comparison"], out / "fp8_train.png")
+    print(f"wrote {out / 'fp8_train.json'} and {out / 'fp8_train.png'} (curves of seed {args.seed})")
     return doc
 
 

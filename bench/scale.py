@@ -55,10 +55,10 @@ class Figure:
 
 # Every input figure, with where it comes from. Rates we have not measured say so.
 FIGURES: dict[str, Figure] = {
-    "dense_bf16": Figure(800e12, "FLOP/s", "DESIGN.md: H100 SXM dense bf16 matmul ~800 TFLOP/s measured "
-                         "(989 datasheet); figure from DESIGN.md, not measured in this session"),
-    "copy_bw": Figure(3.0e12, "B/s", "DESIGN.md: H100 SXM device copy ~3.0 TB/s measured (3.35 datasheet); "
-                      "figure from DESIGN.md, not measured in this session"),
+    "dense_bf16": Figure(800e12, "FLOP/s", "H100 SXM dense bf16 matmul ~800 TFLOP/s as measured for the project's design notes "
+                         "(989 datasheet); not measured by this repository"),
+    "copy_bw": Figure(3.0e12, "B/s", "H100 SXM device copy ~3.0 TB/s as measured for the project's design notes "
+                      "(3.35 datasheet); not measured by this repository"),
     "expert_gemm_frac": Figure(0.85, "of dense", "issue 6 target (>=85% of dense torch.mm at >=2048 tokens "
                                "per expert); UNMEASURED assumption for our grouped GEMM"),
     "attention_frac": Figure(0.60, "of dense", "assumption (FlashAttention-class kernels reach roughly 60% of "
@@ -102,7 +102,7 @@ def _attn_params(c: dict) -> int:
 
 def analytic_params(c: dict) -> dict[str, int]:
     """Closed-form parameter count by kind: 'expert' (routed experts, EP-sharded) and 'dense' (the rest).
-    MTP modules share the embedding and head with the main model (DESIGN.md), so they add no copies."""
+    MTP modules share the embedding and head with the main model, so they add no copies."""
     H, E, I = c["hidden_size"], c["n_routed_experts"], c["moe_intermediate_size"]  # noqa: E741
     n_moe = c["num_hidden_layers"] - c["first_k_dense_replace"]
     norms = 2 * H

@@ -19,7 +19,8 @@ prepare in:  TOK, a tokenizer.json or a folder holding one (read with the `token
              when ``add_bos_token`` is set, from the tokenizer_config.json beside it, else ``--eos``); inputs
              in command-line order, each a .txt file (one document), a .jsonl / .jsonl.gz file (one document per
              line, its ``--text-field``), or a folder of those (sorted relative paths, hidden folders skipped).
-prepare out: DIR/meta.json (DESIGN.md's keys, plus the train/validation split, the shard size and
+prepare out: DIR/meta.json (dtype, vocab_size, eos_id, bos_id, tokenizer_sha256, train_shards, val_shards,
+             documents, tokens, sources; plus the train/validation split, the shard size and
              ``corpus_sha256``, the identity a resumed training run is checked against), raw little-endian
              token shards train_NNNNN.bin / val_NNNNN.bin of at most ``--shard-tokens`` tokens each (uint16 when
              every id fits, else uint32), and DIR/tokenizer/ (a copy of the tokenizer files, so the folder alone

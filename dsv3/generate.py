@@ -20,7 +20,7 @@ into W_uk [nH, nope, C] and W_uv [nH, v, C] per head, q_nope . (W_uk c) = (W_uk^
 taken against c directly, the attention-weighted sum of c is formed, and only then is W_uv applied. The layers'
 own modules supply every weight and the MoE / MLP blocks run as they are (in eval mode: routers count nothing),
 with the model's rope tables (YaRN included), so cached logits equal the full-sequence forward to fp32
-rounding. The training model stays free of cache plumbing (STYLE.md); this module owns it.
+rounding. The training model stays free of cache plumbing; this module owns it.
 
 Speculative decoding with MTP depth 1: position i of the MTP module combines the main model's hidden state h_i
 with the embedding of token i+1 and predicts token i+2, so after the main model has produced token n the MTP

@@ -1,7 +1,7 @@
 """FP8 (E4M3) expert GEMMs with DeepSeek-V3's fine-grained scaling: quantizers, grouped GEMMs for the forward,
 input gradient and weight gradient, the autograd of one expert linear layer, and their PyTorch twins.
 
-Convention (report sec. 3.3, DESIGN.md): x = x_fp8 * scale, scale fp32 = tile amax / 448 with no power-of-two
+Convention (report sec. 3.3): x = x_fp8 * scale, scale fp32 = tile amax / 448 with no power-of-two
 rounding; an all-zero tile gets scale 1 (zeros stay zeros, never 0/0); a tile holding NaN gets scale NaN and
 one holding inf scale inf, so non-finite input makes the GEMM output non-finite. Scale shapes use ceil
 divisions, so D or N need not be multiples of 128. The GEMM reduction dimension is D (K is top-k here):

@@ -155,7 +155,7 @@ def test_swiglu_at_dsv3_width(dtype):
 
 
 def test_kernels_never_sync():
-    # DESIGN.md: no device-to-host sync in the kernels' forward (or backward). "error" raises on any sync.
+    # The package's contract: no device-to-host sync in the kernels' forward (or backward). "error" raises on any sync.
     T, K, E, H, I = 512, 8, 64, 1024, 256
     x = torch.randn(T, H, device=DEV, dtype=torch.bfloat16, requires_grad=True)
     topk_idx = torch.rand(T, E, device=DEV).topk(K, dim=1).indices
@@ -176,7 +176,7 @@ def test_kernels_never_sync():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_moe_layer_on_cuda_matches_cpu(dtype):
     # The drop-in layer: CUDA (compiled kernels) against a copy on CPU (twins) with the same weights, and at
-    # most one host sync per training forward (DESIGN.md; the local dispatcher needs none).
+    # most one host sync per training forward (the EP split sizes; the local dispatcher needs none).
     from tritonmoe.dsv3 import DeepseekV3Config, MoE
 
     cfg = DeepseekV3Config.from_hf("tiny", hidden_size=256, moe_intermediate_size=128, n_routed_experts=16,

@@ -1,6 +1,6 @@
 """train --fp8 (issue 15): the routed experts' GEMMs in FP8 with EP, FSDP and accumulation; each expert weight
 quantized once per step however many micro-batches and recomputations use it; losses close to the bf16 run's.
-The 200-step loss comparison lives in bench/ (python -m bench.fp8_train) and the README."""
+The 200-step loss comparison lives in bench/ (python -m bench fp8-train) and the README."""
 
 import json
 
