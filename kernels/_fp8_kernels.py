@@ -34,6 +34,7 @@ Arithmetic on bf16 happens only after ``.to(tl.float32)``, as everywhere in this
 import triton
 import triton.language as tl
 
+from ._jit_common import group_of_tile, swizzled_tile
 from ._jit_common import round_to as _round_to
 
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
@@ -143,22 +144,6 @@ def quantize_blocks_kernel(
 
 
 @triton.jit
-def _group_of_tile(group_sizes_ptr, t, G, BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr):
-    """(g, first row of g, first row of virtual tile t) for group-aligned BLOCK_M-row tiles: tile t belongs
-    to group g when the tiles of groups < g end at or before t. g == G means t is past the last tile.
-    Negative sizes (rejected on CPU, asserted on CUDA) are clamped so they never move a pointer."""
-    offs_g = tl.arange(0, BLOCK_G)
-    sizes = tl.maximum(tl.load(group_sizes_ptr + offs_g, mask=offs_g < G, other=0).to(tl.int64), 0)
-    tiles = (sizes + BLOCK_M - 1) // BLOCK_M
-    # The running tile count never decreases, so `before` is exactly offs_g < g.
-    before = tl.cumsum(tiles, 0) <= t
-    g = tl.sum(before.to(tl.int32), 0)
-    row_start = tl.sum(tl.where(before, sizes, 0), 0)
-    tile_row = row_start + (t - tl.sum(tl.where(before, tiles, 0), 0)) * BLOCK_M
-    return g, row_start, tile_row
-
-
-@triton.jit
 def _load_rows(x_ptr, x_scale_ptr, rows_ptr, first_row, row_end, pid_c, offs_c, mask_c, stride_xm, stride_xc,
                stride_xsm, stride_xsc, CHUNK_M: tl.constexpr, SRC_SCALED: tl.constexpr, GATHER: tl.constexpr,
                INTERPRET: tl.constexpr):
@@ -212,8 +197,7 @@ def quantize_cols_kernel(
     pid_c = tl.program_id(1)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
     mask_c = offs_c < C
-    g, row_start, tile_row = _group_of_tile(group_sizes_ptr, t, G, BLOCK_G, BLOCK_M)
-    row_end = row_start + tl.maximum(tl.load(group_sizes_ptr + tl.minimum(g, G - 1)).to(tl.int64), 0)
+    g, row_start, row_end, tile_row = group_of_tile(group_sizes_ptr, t, M, G, BLOCK_G, BLOCK_M)
     row_end = tl.where(g < G, tl.minimum(row_end, M), 0)  # past the last tile: no rows, scale 1, zeros
     # Pass 1: the column amax over the tile (and the row quantization, which needs only the row itself).
     amax = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -264,19 +248,10 @@ def grouped_mm_fp8_kernel(
     UPCAST: tl.constexpr,  # interpreter: decode e4m3 to fp32 by hand and dot in fp32 (exact products)
     INTERPRET: tl.constexpr,
 ):
-    # Same schedule as grouped_mm_kernel: a grid over an upper bound of the m-tiles, cdiv(M, BLOCK_M) + G.
-    pid = tl.program_id(0)
-    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
-    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M + G
-    pids_per_band = SWIZZLE_M * num_pid_n
-    first_pid_m = pid // pids_per_band * SWIZZLE_M
-    band_m = min(num_pid_m - first_pid_m, SWIZZLE_M)
-    pid_m = first_pid_m + (pid % pids_per_band) % band_m
-    pid_n = (pid % pids_per_band) // band_m
-
-    g, row_start, tile_row = _group_of_tile(group_sizes_ptr, pid_m, G, BLOCK_G, BLOCK_M)
+    # The schedule of grouped_mm_kernel: a grid over an upper bound of the m-tiles, cdiv(M, BLOCK_M) + G.
+    pid_m, pid_n = swizzled_tile(tl.program_id(0), M, N, G, BLOCK_M, BLOCK_N, SWIZZLE_M)
+    g, row_start, row_end, tile_row = group_of_tile(group_sizes_ptr, pid_m, M, G, BLOCK_G, BLOCK_M)
     if g < G:
-        row_end = row_start + tl.maximum(tl.load(group_sizes_ptr + g).to(tl.int64), 0)
         # int64 rows and group offsets: see quantize_rows_kernel / quantize_blocks_kernel.
         offs_m = tile_row + tl.arange(0, BLOCK_M).to(tl.int64)
         mask_m = (offs_m < row_end) & (offs_m < M)  # rows >= M masked: sizes overrunning M never write past it

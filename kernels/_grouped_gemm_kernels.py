@@ -25,6 +25,8 @@ program, which is what CPU test time is made of.
 import triton
 import triton.language as tl
 
+from ._jit_common import group_of_tile, swizzled_tile
+
 
 @triton.jit
 def grouped_mm_kernel(
@@ -46,38 +48,14 @@ def grouped_mm_kernel(
     UPCAST: tl.constexpr,  # interpreter only: its bf16 is raw uint16, so dot fp32 copies instead
     INPUT_PRECISION: tl.constexpr,  # "ieee" / "tf32" for fp32 inputs; ignored for 16-bit inputs
 ):
-    # The grid is an upper bound on the m-tiles every group needs: sum_g cdiv(size_g, BLOCK_M) <=
-    # cdiv(M, BLOCK_M) + G. Programs past the real tile count exit, so the host never reads the sizes.
-    # Integer division instead of tl.cdiv here and below: under the interpreter every call into a
-    # triton.language @jit helper re-patches the language module (~2 ms), once per program.
-    pid = tl.program_id(0)
-    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
-    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M + G
-    pids_per_band = SWIZZLE_M * num_pid_n
-    band = pid // pids_per_band
-    first_pid_m = band * SWIZZLE_M
-    band_m = min(num_pid_m - first_pid_m, SWIZZLE_M)
-    pid_m = first_pid_m + (pid % pids_per_band) % band_m
-    pid_n = (pid % pids_per_band) // band_m
-
-    # Device-side schedule: which group owns virtual m-tile pid_m, and where its rows start. Sizes outside
-    # [0, M] (rejected on CPU, asserted asynchronously on CUDA) are clamped into it, so they can never move a
-    # pointer and their sum (at most G * M) cannot wrap around int64.
-    offs_g = tl.arange(0, BLOCK_G)
-    sizes = tl.load(group_sizes_ptr + offs_g, mask=offs_g < G, other=0).to(tl.int64)
-    sizes = tl.minimum(tl.maximum(sizes, 0), M)
-    tiles = (sizes + BLOCK_M - 1) // BLOCK_M
-    # tiles_end is non-decreasing, so `before` is exactly offs_g < g; lanes past G hold the total and only
-    # join `before` when pid_m is past the last real tile, which makes g >= G and the program exits.
-    before = tl.cumsum(tiles, 0) <= pid_m
-    g = tl.sum(before.to(tl.int32), 0)
+    # One launch for every group: the grid is an upper bound on the m-tiles (cdiv(M, BLOCK_M) + G) and each
+    # program finds its group on the device (group_of_tile), so the host never reads the sizes.
+    pid_m, pid_n = swizzled_tile(tl.program_id(0), M, N, G, BLOCK_M, BLOCK_N, SWIZZLE_M)
+    g, row_start, row_end, tile_row = group_of_tile(group_sizes_ptr, pid_m, M, G, BLOCK_G, BLOCK_M)
     if g < G:
-        row_start = tl.sum(tl.where(before, sizes, 0), 0)
-        row_end = row_start + tl.minimum(tl.maximum(tl.load(group_sizes_ptr + g).to(tl.int64), 0), M)
-        tile_in_group = pid_m - tl.sum(tl.where(before, tiles, 0), 0)
         # int64 rows: row * stride reaches T*K*H = 9.4e8 at T=16384 for DeepSeek-V3 and passes 2^31 at
         # T >= 37,450; g * stride_bg passes it at G*N*D = 256*4096*7168 = 7.5e9.
-        offs_m = row_start + tile_in_group * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        offs_m = tile_row + tl.arange(0, BLOCK_M).to(tl.int64)
         # rows >= M are masked too, so sizes that overrun M can never write out of bounds.
         mask_m = (offs_m < row_end) & (offs_m < M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

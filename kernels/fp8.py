@@ -40,7 +40,6 @@ the weight gradient BM x BN is the dW tile over N x D).
 """
 
 import contextlib
-import os
 import weakref
 from typing import NamedTuple
 
@@ -54,6 +53,7 @@ try:
 
     from ._fp8_kernels import (grouped_mm_fp8_kernel, grouped_mm_fp8_wgrad_kernel, quantize_blocks_kernel,
                                quantize_cols_kernel, quantize_rows_kernel)
+    from ._tuning import block_g, launch, pinned_config, rows_bucket
 except ImportError:  # no Triton wheel for this platform (Linux only): the twins run everywhere
     triton = None
 
@@ -106,16 +106,7 @@ _QUANT_COLS_CHUNK_M = 32  # rows of a column tile in registers at a time (a whol
 
 
 def _pinned_config() -> Fp8GemmConfig | None:
-    spec = os.environ.get(CONFIG_ENV)
-    if not spec:
-        return None
-    try:
-        cfg = Fp8GemmConfig(*(int(v) for v in spec.split(",")))
-    except (TypeError, ValueError):
-        raise ValueError(f"{CONFIG_ENV}={spec!r}: expected four integers 'BM,BN,warps,stages'") from None
-    if any(b < 16 or b & (b - 1) for b in cfg[:2]) or cfg.block_n > BLOCK:
-        raise ValueError(f"{CONFIG_ENV}={spec!r}: block sizes must be powers of two >= 16, BN <= {BLOCK}")
-    return cfg
+    return pinned_config(CONFIG_ENV, Fp8GemmConfig, "BM,BN,warps,stages", 2, max_block_n=BLOCK)
 
 
 # ----------------------------------------------------------------------------------------------- launchers
@@ -124,10 +115,6 @@ def _pinned_config() -> Fp8GemmConfig | None:
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def _block_g(num_groups: int) -> int:
-    return triton.next_power_of_2(max(num_groups, 1))
 
 
 def _col_tiles(M: int, G: int) -> int:
@@ -183,32 +170,19 @@ def _quantize_cols_launch(x: torch.Tensor, group_sizes: torch.Tensor, x_scale: t
             x, xs, group_sizes if rows is None else rows, qt, st, qt if qr is None else qr, st if sr is None else sr,
             group_sizes, M, C, G, x.stride(0), x.stride(1), xs.stride(0), xs.stride(1), qt.stride(0), st.stride(0),
             C if qr is None else qr.stride(0), 1 if sr is None else sr.stride(0),
-            BLOCK_G=_block_g(G), BLOCK_M=BLOCK, BLOCK_C=BLOCK, CHUNK_M=BLOCK if interpret else _QUANT_COLS_CHUNK_M,
+            BLOCK_G=block_g(G), BLOCK_M=BLOCK, BLOCK_C=BLOCK, CHUNK_M=BLOCK if interpret else _QUANT_COLS_CHUNK_M,
             SRC_SCALED=x_scale is not None, GATHER=rows is not None, WRITE_ROWS=with_rows, INTERPRET=interpret,
             num_warps=8)
     return (qt, st) if not with_rows else (qt, st, qr, sr)
 
 
-_AUTOTUNED: dict = {}
-
-
-def _tuned(kernel, configs: list[Fp8GemmConfig], names: tuple[str, str], key: list[str], bucket: int):
-    """triton.autotune over `configs` keyed on shape/layout arguments, one tuner per rows-per-group bucket
-    (as grouped_gemm does: M changes every step and must not re-tune, but the best tile differs between
-    128 and 8192 rows a group)."""
-    cache_key = (kernel, tuple(configs), tuple(key), bucket)
-    if cache_key not in _AUTOTUNED:
-        _AUTOTUNED[cache_key] = triton.autotune(
-            configs=[triton.Config({names[0]: c.block_m, names[1]: c.block_n}, num_warps=c.num_warps,
-                                   num_stages=c.num_stages) for c in configs],
-            key=key,
-        )(kernel)
-    return _AUTOTUNED[cache_key]
-
-
-def _rows_bucket(M: int, G: int) -> int:
-    """Rows per group rounded up to a power of two in [64, 8192]: the autotuning bucket (host shapes only)."""
-    return min(max(triton.next_power_of_2(max(M // max(G, 1), 1)), 64), 8192)
+def _launch(kernel, grid, args: tuple, names: tuple[str, str], key: list[str], bucket: int, backend: Backend,
+            configs_fn, **constexprs) -> None:
+    interpret = backend is Backend.INTERPRETER
+    launch(kernel, grid, args, names=names, key=key, bucket=bucket, interpret=interpret,
+           interpreter_config=INTERPRETER_CONFIG, pinned=_pinned_config(), configs=configs_fn,
+           interpret_kw=dict(UPCAST=True, INTERPRET=True), compiled_kw=dict(UPCAST=False, INTERPRET=False),
+           **constexprs)
 
 
 def _gemm_fp8_launch(a, a_scale, b, b_scale, group_sizes, out_dtype, a_rows=None, out=None) -> torch.Tensor:
@@ -229,17 +203,10 @@ def _gemm_fp8_launch(a, a_scale, b, b_scale, group_sizes, out_dtype, a_rows=None
             a.stride(0), a.stride(1), a_scale.stride(0), a_scale.stride(1), b.stride(0), b.stride(1), b.stride(2),
             b_scale.stride(0), b_scale.stride(1), b_scale.stride(2), out.stride(0), out.stride(1))
     grid = lambda meta: ((_cdiv(M, meta["BLOCK_M"]) + G) * _cdiv(N, meta["BLOCK_N"]),)
-    consts = dict(BLOCK_G=_block_g(G), BLOCK_D=BLOCK, SWIZZLE_M=SWIZZLE_M, GATHER_A=a_rows is not None)
-    pinned = _pinned_config()
-    if launch_backend(a) is Backend.INTERPRETER:
-        cfg = pinned or INTERPRETER_CONFIG
-        meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
-        grouped_mm_fp8_kernel[grid(meta)](*args, **meta, **consts, UPCAST=True, INTERPRET=True)
-        return out
     # stride_bd in the key: the forward (1 along D) and the input gradient through strides are different GEMMs.
-    tuned = _tuned(grouped_mm_fp8_kernel, [pinned] if pinned else forward_configs(), ("BLOCK_M", "BLOCK_N"),
-                   ["N", "D", "stride_bd", "GATHER_A"], 0 if pinned else _rows_bucket(M, G))
-    tuned[grid](*args, **consts, UPCAST=False, INTERPRET=False)
+    _launch(grouped_mm_fp8_kernel, grid, args, ("BLOCK_M", "BLOCK_N"), ["N", "D", "stride_bd", "GATHER_A"],
+            rows_bucket(M, G), launch_backend(a), forward_configs,
+            BLOCK_G=block_g(G), BLOCK_D=BLOCK, SWIZZLE_M=SWIZZLE_M, GATHER_A=a_rows is not None)
     return out
 
 
@@ -257,16 +224,8 @@ def _gemm_fp8_wgrad_launch(dy_t, dy_ts, x_t, x_ts, group_sizes, out_dtype, out=N
     args = (dy_t, dy_ts, x_t, x_ts, out, group_sizes, N, D, G, tiles, dy_t.stride(0), dy_ts.stride(0),
             x_t.stride(0), x_ts.stride(0), out.stride(0), out.stride(1), out.stride(2))
     grid = lambda meta: (G * _cdiv(N, meta["BLOCK_N"]) * _cdiv(D, meta["BLOCK_D"]),)
-    consts = dict(BLOCK_G=_block_g(G), BLOCK_M=BLOCK)
-    pinned = _pinned_config()
-    if launch_backend(dy_t) is Backend.INTERPRETER:
-        cfg = pinned or INTERPRETER_CONFIG
-        meta = dict(BLOCK_N=cfg.block_m, BLOCK_D=cfg.block_n)
-        grouped_mm_fp8_wgrad_kernel[grid(meta)](*args, **meta, **consts, UPCAST=True, INTERPRET=True)
-        return out
-    tuned = _tuned(grouped_mm_fp8_wgrad_kernel, [pinned] if pinned else wgrad_configs(), ("BLOCK_N", "BLOCK_D"),
-                   ["N", "D"], 0 if pinned else _rows_bucket(BLOCK * (tiles - G), G))
-    tuned[grid](*args, **consts, UPCAST=False, INTERPRET=False)
+    _launch(grouped_mm_fp8_wgrad_kernel, grid, args, ("BLOCK_N", "BLOCK_D"), ["N", "D"],
+            rows_bucket(BLOCK * (tiles - G), G), launch_backend(dy_t), wgrad_configs, BLOCK_G=block_g(G), BLOCK_M=BLOCK)
     return out
 
 

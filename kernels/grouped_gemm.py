@@ -24,7 +24,6 @@ Triton's interpreter when ``TRITON_INTERPRET=1``, else the plain-PyTorch twin ``
 The ops are registered with ``torch.library`` (fake + autograd), so they trace under ``torch.compile``.
 """
 
-import os
 from typing import NamedTuple
 
 import torch
@@ -36,6 +35,7 @@ try:
     import triton
 
     from ._grouped_gemm_kernels import grouped_mm_kernel, grouped_mm_wgrad_kernel
+    from ._tuning import block_g, launch, pinned_config, rows_bucket
 except ImportError:  # no Triton wheel for this platform (Linux only): the twin runs everywhere
     triton = None
 
@@ -110,61 +110,22 @@ SWIZZLE_M = 8
 
 
 def _pinned_config() -> GemmConfig | None:
-    spec = os.environ.get(CONFIG_ENV)
-    if not spec:
-        return None
-    try:
-        cfg = GemmConfig(*(int(v) for v in spec.split(",")))
-    except (TypeError, ValueError):
-        raise ValueError(f"{CONFIG_ENV}={spec!r}: expected five integers 'BM,BN,BD,warps,stages'") from None
-    if any(b < 16 or b & (b - 1) for b in cfg[:3]):
-        raise ValueError(f"{CONFIG_ENV}={spec!r}: block sizes must be powers of two >= 16")
-    return cfg
+    return pinned_config(CONFIG_ENV, GemmConfig, "BM,BN,BD,warps,stages", 3)
 
 
 # ----------------------------------------------------------------------------------------------- launchers
 
-_AUTOTUNED: dict = {}
-
-
-def _rows_bucket(M: int, G: int) -> int:
-    """Rows per group rounded up to a power of two in [64, 8192]: the autotuning bucket. Host-side shapes
-    only, no sync."""
-    return min(max(triton.next_power_of_2(max(M // max(G, 1), 1)), 64), 8192)
-
-
-def _autotuned(kernel, configs: list[GemmConfig], key: list[str], bucket: int):
-    """triton.autotune over `configs`, keyed on `key` (shape and layout arguments; Triton adds the dtypes),
-    one tuner per rows-per-group bucket. M itself changes every step with routing and must not trigger
-    re-tuning, but the best tile differs between 128 and 8192 rows per group: a single tuner keyed on (N, D)
-    would keep whatever won on the first batch it saw (in the benchmark sweep, the smallest case)."""
-    cache_key = (kernel, tuple(configs), tuple(key), bucket)
-    if cache_key not in _AUTOTUNED:
-        _AUTOTUNED[cache_key] = triton.autotune(
-            configs=[triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_D": c.block_d},
-                                   num_warps=c.num_warps, num_stages=c.num_stages) for c in configs],
-            key=key,
-        )(kernel)
-    return _AUTOTUNED[cache_key]
+_BLOCKS = ("BLOCK_M", "BLOCK_N", "BLOCK_D")
 
 
 def _launch(kernel, configs_fn, key: list[str], grid_fn, args: tuple, dtype: torch.dtype, bucket: int,
             interpret: bool, **constexprs) -> None:
-    pinned = _pinned_config()
-    if interpret:
-        cfg = pinned or INTERPRETER_CONFIG
-        meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d)
-        kernel[grid_fn(meta)](*args, **meta, **constexprs, UPCAST=True, INPUT_PRECISION="ieee")
-        return
     # Follows torch's own fp32 matmul setting: "highest" (torch's default) keeps full fp32 products.
     precision = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-    configs = [pinned] if pinned else configs_fn(dtype, precision)
-    tuned = _autotuned(kernel, configs, key, 0 if pinned else bucket)
-    tuned[grid_fn](*args, **constexprs, UPCAST=False, INPUT_PRECISION=precision)
-
-
-def _block_g(num_groups: int) -> int:
-    return triton.next_power_of_2(max(num_groups, 1))
+    launch(kernel, grid_fn, args, names=_BLOCKS, key=key, bucket=bucket, interpret=interpret,
+           interpreter_config=INTERPRETER_CONFIG, pinned=_pinned_config(), configs=lambda: configs_fn(dtype, precision),
+           interpret_kw=dict(UPCAST=True, INPUT_PRECISION="ieee"),
+           compiled_kw=dict(UPCAST=False, INPUT_PRECISION=precision), **constexprs)
 
 
 def _grouped_mm_launch(a: torch.Tensor, b: torch.Tensor, group_sizes: torch.Tensor,
@@ -188,7 +149,7 @@ def _grouped_mm_launch(a: torch.Tensor, b: torch.Tensor, group_sizes: torch.Tens
     _launch(grouped_mm_kernel, forward_configs, ["N", "D", "stride_bd", "GATHER_A"], grid,
             (a, group_sizes if a_rows is None else a_rows, b, out, group_sizes, M, N, D, G, a.stride(0),
              a.stride(1), b.stride(0), b.stride(1), b.stride(2), out.stride(0), out.stride(1)),
-            a.dtype, _rows_bucket(M, G), launch_backend(a) is Backend.INTERPRETER, BLOCK_G=_block_g(G), SWIZZLE_M=SWIZZLE_M,
+            a.dtype, rows_bucket(M, G), launch_backend(a) is Backend.INTERPRETER, BLOCK_G=block_g(G), SWIZZLE_M=SWIZZLE_M,
             GATHER_A=a_rows is not None)
     return out
 
@@ -211,7 +172,7 @@ def _grouped_mm_wgrad_launch(dy: torch.Tensor, x: torch.Tensor, group_sizes: tor
     _launch(grouped_mm_wgrad_kernel, wgrad_configs, ["N", "D", "GATHER_X"], grid,
             (dy, x, group_sizes if x_rows is None else x_rows, out, group_sizes, M, N, D, G, dy.stride(0),
              dy.stride(1), x.stride(0), x.stride(1), out.stride(0), out.stride(1), out.stride(2)),
-            x.dtype, _rows_bucket(M, G), launch_backend(x) is Backend.INTERPRETER, BLOCK_G=_block_g(G), GATHER_X=x_rows is not None)
+            x.dtype, rows_bucket(M, G), launch_backend(x) is Backend.INTERPRETER, BLOCK_G=block_g(G), GATHER_X=x_rows is not None)
     return out
 
 

@@ -9,6 +9,8 @@ For a model built on the meta device (the only way at 16B/671B): the same steps,
 which fills only each rank's shards, with the same global values for every world size and EP degree.
 Checkpoints: save_checkpoint / load_checkpoint / read_train_state / latest_checkpoint for training state, and
 load_model_weights(model, dcp_dir) for weights only (e.g. a checkpoint written by `convert hf2dcp`).
+Pipeline stages (build_meshes(pp=...) gives each stage its own dense and expert meshes) are cut and scheduled
+in dsv3/pipeline.py on torch.distributed.pipelining; EP and FSDP stay inside a stage.
 parallel never imports dsv3: MoE layers are found by duck typing (`.dispatcher` + `.experts.gate_up_proj`).
 """
 
@@ -17,7 +19,7 @@ from .checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, lo
                          read_train_state, save_checkpoint)
 from .expert_parallel import ExpertParallelDispatcher, apply_expert_parallel, find_moe_layers
 from .fsdp import apply_fsdp, clip_grad_norm_, find_blocks
-from .init import init_sharded_, local_rows
+from .init import init_sharded_
 from .mesh import Meshes, build_meshes, check_ep_degree, local_device
 
 __all__ = [
@@ -37,7 +39,6 @@ __all__ = [
     "load_checkpoint",
     "load_model_weights",
     "local_device",
-    "local_rows",
     "read_train_state",
     "save_checkpoint",
 ]

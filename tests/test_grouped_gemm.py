@@ -13,6 +13,7 @@ import torch
 from helpers import assert_close, poison_
 from tritonmoe.kernels import Backend, backend_for, force_twins, grouped_gemm, grouped_gemm_torch
 from tritonmoe.kernels.grouped_gemm import _grouped_mm_launch, _grouped_mm_wgrad_launch
+from tritonmoe.kernels import _tuning
 
 # The package re-exports the function under the module's name, so reach the module itself this way.
 gg_module = importlib.import_module("tritonmoe.kernels.grouped_gemm")
@@ -233,7 +234,7 @@ def test_twin_empty_and_zero_rows():
 class _RecordingTuner:
     """Stands in for triton.autotune(...)(kernel): records the launch instead of compiling."""
 
-    def __init__(self, log, kernel, configs, key, bucket):
+    def __init__(self, log, kernel, configs, names, key, bucket):
         self.log, self.entry = log, dict(kernel=kernel, configs=list(configs), key=tuple(key), bucket=bucket)
 
     def __getitem__(self, grid):
@@ -246,7 +247,7 @@ def test_compiled_path_config_choice(monkeypatch):
     # default "highest" gets the FMA tiles and under "high" the tf32 ones (the 16-bit lists overflow an
     # H100's shared memory in fp32); every rows-per-group bucket tunes on its own; a pin is one config.
     log = []
-    monkeypatch.setattr(gg_module, "_autotuned", lambda *a: _RecordingTuner(log, *a))
+    monkeypatch.setattr(_tuning, "autotuned", lambda *a: _RecordingTuner(log, *a))
     monkeypatch.setattr(gg_module, "launch_backend", lambda t: Backend.COMPILED)
     saved = torch.get_float32_matmul_precision()
     try:
