@@ -247,7 +247,10 @@ class DeepseekV3Model(nn.Module):
 
     def __init__(self, cfg: DeepseekV3Config):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # Given its weight, nn.Embedding skips its own normal_ init: the init walker fills it, and on the meta
+        # device that normal_ alone imported torch._dynamo (~0.4-1 s of every launch).
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mtp = nn.ModuleList(MTPModule(cfg, cfg.num_hidden_layers + k)

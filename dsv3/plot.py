@@ -24,6 +24,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import EngFormatter, MaxNLocator
     except ImportError:
         raise ValueError("plotting needs matplotlib: pip install 'tritonmoe[plot]'") from None
     run_dir = Path(run_dir)
@@ -47,6 +48,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if val:
         ax.plot(*zip(*val), "o-", label="validation LM", ms=4)
     ax.set(xlabel=x_label, ylabel="loss (nats)", title=f"{run_dir.name}: losses")
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
     ax.legend()
     ax.grid(alpha=0.3)
 
@@ -56,6 +58,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         heat = [[c / max(sum(row) / len(row), 1e-12) for c in row] for row in counts]
         im = ax.imshow(heat, aspect="auto", cmap="viridis", interpolation="nearest")
         fig.colorbar(im, ax=ax, label="tokens / mean")
+        ax.set_yticks(range(len(counts)))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set(xlabel="expert", ylabel="MoE layer (MTP last)", title=f"expert load, step {full[-1]['step']}")
     else:
         ax.text(0.5, 0.5, "no full expert counts recorded", ha="center", va="center", transform=ax.transAxes)
@@ -66,8 +70,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if loads:
         load_tokens = [t for t, r in zip(tokens, records) if "layer_load" in r]
         for i in range(len(loads[0])):
-            ax.plot(load_tokens, [ld[i]["max_over_mean"] for ld in loads], label=f"layer {i}", lw=1)
+            ax.plot(load_tokens, [ld[i]["max_over_mean"] for ld in loads], label=f"MoE layer {i}", lw=1)
         ax.set(xlabel=x_label, ylabel="max / mean tokens per expert", title="load imbalance per MoE layer")
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
         ax.legend(fontsize=7, ncol=2)
         ax.grid(alpha=0.3)
     else:

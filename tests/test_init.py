@@ -9,6 +9,8 @@ parameters and persistent buffers; later commits add non-persistent counters, wh
 import ast
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -87,6 +89,16 @@ def test_eager_build_draws_every_value_once():
     with _Draws() as draws, torch.device("meta"):
         DeepseekV3ForCausalLM(cfg)
     assert draws.n == {}
+
+
+def test_meta_build_does_not_import_dynamo():
+    # Before: nn.Embedding's own normal_ ran on the meta device, whose decomposition imports torch._dynamo
+    # (0.4-1 s of every from_pretrained / generate launch). Constructors only allocate.
+    code = ("import sys, torch\nfrom tritonmoe.dsv3 import DeepseekV3Config, DeepseekV3ForCausalLM\n"
+            "with torch.device('meta'):\n    DeepseekV3ForCausalLM(DeepseekV3Config.from_hf('tiny'))\n"
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
 
 
 def _relative_imports(path: Path) -> set[str]:
