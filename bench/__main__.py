@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if argv and argv[0] in SUBCOMMANDS:
         module = importlib.import_module(f".{argv[0].replace('-', '_')}", __package__)
         return module.main(argv[1:])
-    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench", description="\n\n".join(__doc__.split("\n\n")[:2]),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="CI-sized run")
     ap.add_argument("--out", default=None, help=f"JSON output file (default {DEFAULT_OUT})")
     ap.add_argument("--only", default=None, help="comma-separated subset of " + ",".join(BENCHES))

@@ -360,7 +360,7 @@ class TokenizerCodec:
 
     def __init__(self, path: Path, eos_id: int | None = None, bos_id: int | None = None, name: str | None = None,
                  eos_from_config: bool = True):
-        from .data import load_tokenizer
+        from .prepare import load_tokenizer
 
         self.tok, info = load_tokenizer(path)
         self.vocab_size = info.vocab_size
@@ -377,7 +377,8 @@ class TokenizerCodec:
 
 
 def _prepared_codec(folder: Path, how: str) -> TokenizerCodec:
-    from .data import read_meta, tokenizer_of
+    from .data import read_meta
+    from .prepare import tokenizer_of
 
     meta = read_meta(folder)
     return TokenizerCodec(tokenizer_of(folder), meta["eos_id"], meta["bos_id"], f"{folder} ({how})",

@@ -13,7 +13,9 @@ import pytest
 
 from dist_utils import run_distributed
 from tritonmoe.dsv3 import data
-from tritonmoe.dsv3.data import TokenShards, load_corpus, prepare
+from tritonmoe.dsv3.data import TokenShards, load_corpus
+from tritonmoe.dsv3 import prepare as prepare_module
+from tritonmoe.dsv3.prepare import prepare
 
 EOS, BOS = "<|endoftext|>", "<s>"
 SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "ta", "zé", "ü", "中", "文", "ő", "ñ", "th", "qu", "x", "🙂", "ß", "ж"]
@@ -110,7 +112,7 @@ def test_prepare_decodes_back_exactly(corpus, tmp_path):
     out = tmp_path / "prep"
     meta = prepare(corpus["tok"], corpus["inputs"], out, val_every=10, shard_tokens=4000, workers=2, log=_quiet)
     assert _decoded(out, 10) == corpus["docs"]
-    assert set(data._META_KEYS) <= set(meta) and json.loads((out / "meta.json").read_text()) == meta
+    assert set(prepare_module._META_KEYS) <= set(meta) and json.loads((out / "meta.json").read_text()) == meta
     assert meta["dtype"] == "uint16" and meta["bos_id"] is None and meta["eos_id"] == 0
     assert meta["documents"] == 640 and meta["val_documents"] == 64 and meta["train_documents"] == 576
     assert meta["tokens"] == meta["train_tokens"] + meta["val_tokens"] == sum(s["tokens"] for s in meta["sources"])
@@ -256,7 +258,7 @@ def test_prepare_redoes_what_changed(corpus, tmp_path, monkeypatch):
     assert _decoded(out, 10) == ["Q" + corpus["docs"][0][1:]] + corpus["docs"][1:]
     a.write_bytes(Path(corpus["inputs"][0]).read_bytes())
 
-    monkeypatch.setattr(data, "fingerprint", lambda p: {"bytes": 0, "mtime_ns": 0, "sample_blake2b": ""})
+    monkeypatch.setattr(prepare_module, "fingerprint", lambda p: {"bytes": 0, "mtime_ns": 0, "sample_blake2b": ""})
     out2 = tmp_path / "out2"
     assert _interrupted(corpus, out2, 3, inputs=inputs)[0].startswith("stopped at 0:")  # inside a.jsonl
     rewrite_first_line()
