@@ -374,6 +374,14 @@ def read_train_state(path: str | os.PathLike) -> dict:
     return dict(state["train"])
 
 
+def _has_flat_optimizer_state(path: Path) -> bool:
+    """Whether the checkpoint's optimizer state is the flattened per-parameter layout load_checkpoint reads
+    (keys optim.param_groups.<parameter>.<hyperparameter>); older checkpoints hold optim.param_groups.<index>."""
+    keys = _read_metadata(Path(path)).state_dict_metadata
+    groups = [k for k in keys if k.startswith("optim.param_groups.")]
+    return not groups or any(not k.split(".")[2].isdigit() for k in groups)
+
+
 def load_checkpoint(path: str | os.PathLike, model, optimizer=None, train_state: dict | None = None) -> dict:
     """Load a checkpoint written by save_checkpoint into model/optimizer (any world size, EP or pipeline degree;
     `model` and `optimizer` as save_checkpoint takes them).
@@ -392,6 +400,10 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer=None, train_state:
     state = {"model": model_sd, "train": wanted}
     if optim_sd is not None:
         state["optim"] = optim_sd
+    if optim_sd is not None and not _has_flat_optimizer_state(path):
+        raise CheckpointError(f"cannot resume from {path}: its optimizer state has the nested layout of checkpoints "
+                              "written before pipeline parallelism (now flattened per parameter); start from its "
+                              "weights with --init-from instead")
     load_dcp(state, path)
     models = list(model) if isinstance(model, (list, tuple)) else [model]
     optimizers = (list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]) if optimizer is not None \

@@ -151,3 +151,27 @@ def test_save_is_atomic(tmp_path):
     (names,) = run_distributed(_atomic, 1, str(tmp_path))
     assert names == [".step_00000002.tmp", "step_00000001"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001", "step_00000002"]
+
+
+def test_older_nested_optimizer_state_is_refused_with_the_way_out(tmp_path):
+    # Before: resuming a checkpoint whose optimizer state has the nested layout (param_groups.0.lr, written
+    # before the optimizer state was flattened per parameter for pipeline stages) failed inside DCP with
+    # "Missing key in checkpoint state_dict: optim.param_groups.model....". Now it names the fix.
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    from tritonmoe.parallel import CheckpointError, load_checkpoint, load_model_weights
+
+    model = _model(0)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randint(0, 256, (1, 8))).logits.float().sum().backward()
+    opt.step()
+    old = tmp_path / "step_00000001"
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt),
+              "train": {"step": 1}}, checkpoint_id=old, no_dist=True)
+    with pytest.raises(CheckpointError, match="nested layout.*--init-from"):
+        other = _model(1)
+        load_checkpoint(old, other, torch.optim.AdamW(other.parameters()), {})
+    fresh = _model(2)
+    load_model_weights(fresh, old)  # its weights still load
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
