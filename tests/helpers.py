@@ -95,3 +95,16 @@ def global_accesses(ptx):
         wide = op.endswith((".v4.b32", ".v4.f32", ".v4.u32", ".v2.b64", ".v2.u64"))
         counts[op[:2] + "16" if wide else op] += 1
     return dict(counts)
+
+
+def tiny_aux_preset(folder) -> str:
+    """A config.json of the tiny preset with the sequence-wise balance loss on (seq_aux_loss_alpha 0.01), for
+    the layout-invariance tests: that term's denominator is under test too. Returns its path for --preset."""
+    import json
+    from pathlib import Path
+
+    from tritonmoe.dsv3.config import DeepseekV3Config
+
+    path = Path(folder) / "tiny_aux.json"
+    path.write_text(json.dumps(DeepseekV3Config.from_hf("tiny", seq_aux_loss_alpha=0.01).to_hf()))
+    return str(path)

@@ -6,12 +6,12 @@ fp32, tiny preset; the stages split the 3 decoder layers (+ head and MTP) by FLO
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
 from dist_utils import run_distributed
+from helpers import tiny_aux_preset
 
 COMMON = ["--batch-size", "8", "--seq-len", "32", "--lr", "3e-3", "--warmup", "3", "--decay-steps", "20",
           "--val-every", "10", "--val-batches", "2", "--seed", "5", "--log-every", "100"]
@@ -39,9 +39,15 @@ def _rel(a, b):
 
 
 @pytest.fixture(scope="module")
-def world1(tmp_path_factory):
+def preset(tmp_path_factory):
+    # The sequence-wise balance loss on: its term comes from the routers of every stage (torchtitan #2061).
+    return ["--preset", tiny_aux_preset(tmp_path_factory.mktemp("preset"))]
+
+
+@pytest.fixture(scope="module")
+def world1(tmp_path_factory, preset):
     out = tmp_path_factory.mktemp("pp") / "w1"
-    return run_distributed(_train, 1, COMMON + ["--steps", "10", "--ckpt-every", "5", "--out", str(out)])[0]
+    return run_distributed(_train, 1, COMMON + preset + ["--steps", "10", "--ckpt-every", "5", "--out", str(out)])[0]
 
 
 @pytest.mark.parametrize("world, args", [
@@ -50,8 +56,8 @@ def world1(tmp_path_factory):
     (4, ["--pp", "2", "--pp-schedule", "ZBVZeroBubble"]),                            # V: first and last stage on rank 0
     (2, ["--pp", "2", "--pp-schedule", "DualPipeV"]),                                # 4 micro-batches, 4 stages
 ], ids=["1F1B-ep2", "Interleaved1F1B-dp2", "ZBV", "DualPipeV"])
-def test_schedules_match_world_1(world1, tmp_path, world, args):
-    per_rank = run_distributed(_train, world, COMMON + args + ["--steps", "10", "--out", str(tmp_path / "r")],
+def test_schedules_match_world_1(world1, preset, tmp_path, world, args):
+    per_rank = run_distributed(_train, world, COMMON + preset + args + ["--steps", "10", "--out", str(tmp_path / "r")],
                                timeout=300)
     got = per_rank[0]
     worst = max(_rel(got["losses"][s], world1["losses"][s]) for s in range(1, 11))
@@ -62,6 +68,7 @@ def test_schedules_match_world_1(world1, tmp_path, world, args):
     # some of the MoE layers: compare each of them with world 1's layer of the same place in the model.
     lines = [json.loads(ln) for ln in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["pp"] == 2 and lines[0]["pp_schedule"] == args[args.index("--pp-schedule") + 1]
+    assert all(ln["seq_aux_loss"] > 0 for ln in lines)  # the balance loss is on, and in the compared losses
     assert len(lines[0]["layer_load"]) == 3  # every MoE layer of the model, gathered from the stages
     for r in per_rank[1:]:
         assert r["losses"] == got["losses"]
@@ -74,15 +81,15 @@ def test_schedules_match_world_1(world1, tmp_path, world, args):
     assert held == set(world1["biases"][1])  # every MoE layer, MTP's included, lives on some rank
 
 
-def test_pipeline_checkpoint_resumes_at_other_layouts(world1, tmp_path):
+def test_pipeline_checkpoint_resumes_at_other_layouts(world1, preset, tmp_path):
     run = tmp_path / "pp2"
-    run_distributed(_train, 2, COMMON + ["--pp", "2", "--steps", "5", "--ckpt-every", "5", "--out", str(run)])
+    run_distributed(_train, 2, COMMON + preset + ["--pp", "2", "--steps", "5", "--ckpt-every", "5", "--out", str(run)])
     for name, world, args in (("world2", 2, ["--ep", "2"]), ("world1", 1, [])):
         out = tmp_path / name
         out.mkdir()
         shutil.copytree(run / "step_00000005", out / "step_00000005")
         shutil.copy(run / "metrics.jsonl", out / "metrics.jsonl")
-        got = run_distributed(_train, world, COMMON + args + ["--steps", "10", "--resume", "--out", str(out)])[0]
+        got = run_distributed(_train, world, COMMON + preset + args + ["--steps", "10", "--resume", "--out", str(out)])[0]
         assert sorted(got["losses"]) == list(range(6, 11))
         worst = max(_rel(got["losses"][s], world1["losses"][s]) for s in range(6, 11))
         print(f"\npp 2 checkpoint resumed at {name}: max relative loss difference vs world 1 {worst:.1e}")
@@ -92,7 +99,7 @@ def test_pipeline_checkpoint_resumes_at_other_layouts(world1, tmp_path):
     back.mkdir()
     shutil.copytree(tmp_path / "world1" / "step_00000010", back / "step_00000010")
     (back / "metrics.jsonl").write_text("")
-    got = run_distributed(_train, 2, COMMON + ["--pp", "2", "--steps", "11", "--resume", "--out", str(back)])[0]
+    got = run_distributed(_train, 2, COMMON + preset + ["--pp", "2", "--steps", "11", "--resume", "--out", str(back)])[0]
     assert sorted(got["losses"]) == [11]
 
 

@@ -13,19 +13,12 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
+from helpers import tiny_aux_preset
 
 # seq_aux_loss_alpha > 0 so the sequence-wise term's denominator is under test too.
 COMMON = ["--batch-size", "8", "--seq-len", "32", "--lr", "3e-3", "--warmup", "2", "--decay-steps", "10",
           "--val-every", "0", "--seed", "11", "--log-every", "100", "--load-every", "5"]
 REL = 1e-6
-
-
-def _preset(tmp: Path) -> str:
-    from tritonmoe.dsv3.config import DeepseekV3Config
-
-    path = tmp / "tiny_aux.json"
-    path.write_text(json.dumps(DeepseekV3Config.from_hf("tiny", seq_aux_loss_alpha=0.01).to_hf()))
-    return str(path)
 
 
 def _train(argv):
@@ -48,7 +41,7 @@ def _rel(a, b):
 
 
 def test_losses_do_not_depend_on_the_cut(tmp_path):
-    preset = _preset(tmp_path)
+    preset = tiny_aux_preset(tmp_path)
     base = COMMON + ["--preset", preset, "--steps", "10"]
 
     def run(world, *extra, name):
@@ -89,7 +82,7 @@ def test_losses_do_not_depend_on_the_cut(tmp_path):
 
 
 def test_resume_inside_an_accumulated_run_is_bit_identical(tmp_path):
-    preset = _preset(tmp_path)
+    preset = tiny_aux_preset(tmp_path)
     base = COMMON + ["--preset", preset, "--micro-batch-size", "1", "--ep", "2"]
     straight = run_distributed(_train, 2, base + ["--steps", "10", "--ckpt-every", "5", "--out",
                                                   str(tmp_path / "a")])[0]
