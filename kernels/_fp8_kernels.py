@@ -34,7 +34,7 @@ Arithmetic on bf16 happens only after ``.to(tl.float32)``, as everywhere in this
 import triton
 import triton.language as tl
 
-from ._jit_common import group_of_tile, swizzled_tile
+from ._jit_common import group_of_tile, swizzled_tile, tile_rows
 from ._jit_common import round_to as _round_to
 
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
@@ -252,16 +252,11 @@ def grouped_mm_fp8_kernel(
     pid_m, pid_n = swizzled_tile(tl.program_id(0), M, N, G, BLOCK_M, BLOCK_N, SWIZZLE_M)
     g, row_start, row_end, tile_row = group_of_tile(group_sizes_ptr, pid_m, M, G, BLOCK_G, BLOCK_M)
     if g < G:
-        # int64 rows and group offsets: see quantize_rows_kernel / quantize_blocks_kernel.
-        offs_m = tile_row + tl.arange(0, BLOCK_M).to(tl.int64)
-        mask_m = (offs_m < row_end) & (offs_m < M)  # rows >= M masked: sizes overrunning M never write past it
+        # int64 rows and group offsets: see tile_rows and quantize_blocks_kernel.
+        offs_m, mask_m, a_rows = tile_rows(a_rows_ptr, tile_row, row_end, M, BLOCK_M, GATHER_A)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         offs_d = tl.arange(0, BLOCK_D)
-        if GATHER_A:
-            a_rows = tl.load(a_rows_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
-        else:
-            a_rows = offs_m
         a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_d[None, :] * stride_ad
         b_ptrs = (b_ptr + g.to(tl.int64) * stride_bg + offs_n[None, :].to(tl.int64) * stride_bn
                   + offs_d[:, None] * stride_bd)

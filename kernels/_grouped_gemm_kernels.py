@@ -25,7 +25,7 @@ program, which is what CPU test time is made of.
 import triton
 import triton.language as tl
 
-from ._jit_common import group_of_tile, swizzled_tile
+from ._jit_common import group_of_tile, swizzled_tile, tile_rows
 
 
 @triton.jit
@@ -53,21 +53,11 @@ def grouped_mm_kernel(
     pid_m, pid_n = swizzled_tile(tl.program_id(0), M, N, G, BLOCK_M, BLOCK_N, SWIZZLE_M)
     g, row_start, row_end, tile_row = group_of_tile(group_sizes_ptr, pid_m, M, G, BLOCK_G, BLOCK_M)
     if g < G:
-        # int64 rows: row * stride reaches T*K*H = 9.4e8 at T=16384 for DeepSeek-V3 and passes 2^31 at
-        # T >= 37,450; g * stride_bg passes it at G*N*D = 256*4096*7168 = 7.5e9.
-        offs_m = tile_row + tl.arange(0, BLOCK_M).to(tl.int64)
-        # rows >= M are masked too, so sizes that overrun M can never write out of bounds.
-        mask_m = (offs_m < row_end) & (offs_m < M)
+        # int64 rows (tile_rows); g * stride_bg passes 2^31 at G*N*D = 256*4096*7168 = 7.5e9.
+        offs_m, mask_m, a_rows = tile_rows(a_rows_ptr, tile_row, row_end, M, BLOCK_M, GATHER_A)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         offs_d = tl.arange(0, BLOCK_D)
-
-        if GATHER_A:
-            # Each logical row reads its source row directly (a token row of x, read once per expert that token
-            # chose): the expert-ordered copy of x is never written. Masked rows read row 0, never used.
-            a_rows = tl.load(a_rows_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
-        else:
-            a_rows = offs_m
         a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_d[None, :] * stride_ad
         b_ptrs = (b_ptr + g.to(tl.int64) * stride_bg + offs_n[None, :].to(tl.int64) * stride_bn
                   + offs_d[:, None] * stride_bd)

@@ -49,3 +49,19 @@ def swizzled_tile(pid, M, N, G, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SW
     first_pid_m = pid // pids_per_band * SWIZZLE_M
     band_m = min(num_pid_m - first_pid_m, SWIZZLE_M)
     return first_pid_m + (pid % pids_per_band) % band_m, (pid % pids_per_band) // band_m
+
+
+@triton.jit
+def tile_rows(rows_ptr, tile_row, row_end, M, BLOCK_M: tl.constexpr, GATHER: tl.constexpr):
+    """The BLOCK_M logical rows of an m-tile from tile_row on (int64: row * stride reaches T*K*H = 9.4e8 at
+    DeepSeek-V3's T=16384 and passes 2^31 at T >= 37,450), their mask (inside the group and below M, so sizes
+    that overrun M never write out of bounds), and the rows of the operand they read: rows_ptr[row] when GATHER
+    (the permute fused into the prologue: token rows read straight from x, the expert-ordered copy never
+    written; masked lanes read row 0, never used), else the rows themselves."""
+    offs_m = tile_row + tl.arange(0, BLOCK_M).to(tl.int64)
+    mask_m = (offs_m < row_end) & (offs_m < M)
+    if GATHER:
+        src = tl.load(rows_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+    else:
+        src = offs_m
+    return offs_m, mask_m, src
