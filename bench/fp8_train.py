@@ -28,7 +28,8 @@ RUNS = {"fp32": ["--mixed-precision", "none"], "bf16": ["--mixed-precision", "bf
 
 def _train(steps: int, extra: list[str], out: Path, args) -> list[dict]:
     cmd = [sys.executable, "-m", "tritonmoe.dsv3.train", "--steps", str(steps), "--batch-size", str(args.batch_size),
-           "--seq-len", str(args.seq_len), "--val-every", "0", "--log-every", "50", "--out", str(out), *extra]
+           "--seq-len", str(args.seq_len), "--val-every", "0", "--log-every", "50", "--preset", args.preset, "--out", str(out),
+           *(["--lr", args.lr] if args.lr else []), *extra]
     subprocess.run(cmd, check=True)
     return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -52,6 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seeds", type=int, default=1,
                     help="repeat the three runs for seeds SEED .. SEED+N-1: on the tiny model one run's tail mean "
                          "is a noisy draw (routing flips make the trajectories diverge), the spread says how noisy")
+    ap.add_argument("--preset", default="tiny", help="the model: a preset name or a config.json (train --preset)")
+    ap.add_argument("--lr", default=None, help="peak learning rate (default: the trainer's)")
     ap.add_argument("--out", default="bench-fp8-train", help="folder for the JSON and the PNG")
     args = ap.parse_args(argv)
     if args.seeds < 1:

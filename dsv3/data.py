@@ -238,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the output's place (read-only, full disk): one line naming what failed
+        print(f"error: {e.filename or args.output}: {e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"interrupted: rerun the same command to resume from {args.output}.partial", file=sys.stderr)
         return 130

@@ -27,7 +27,8 @@ transformers is optional for the package: it is imported only inside ``register(
 
 import torch
 
-from ..kernels import gather_grouped_gemm_unchecked, grouped_gemm, permute, route, swiglu, unpermute
+from ..kernels import grouped_gemm, permute, route, swiglu, unpermute
+from ..kernels.grouped_gemm import gather_grouped_gemm_unchecked  # rows trusted by construction (route's)
 
 try:
     from transformers.integrations.moe import _default_apply_gate

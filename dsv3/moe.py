@@ -38,8 +38,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import (Fp8WeightCache, SourceRows, gather_grouped_gemm_unchecked, grouped_gemm, grouped_linear_fp8,
-                       route, swiglu, unpermute_unchecked)
+from ..kernels import Fp8WeightCache, SourceRows, grouped_gemm, grouped_linear_fp8, route, swiglu
+from ..kernels.grouped_gemm import gather_grouped_gemm_unchecked  # rows trusted by construction (route's)
+from ..kernels.permute import unpermute_unchecked
 from .config import DeepseekV3Config
 from .init import InitRule, build_then_init, init_weights_
 

@@ -38,6 +38,7 @@ import os
 import shutil
 import sys
 import time
+import zlib
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,7 +128,10 @@ def load_tokenizer(path: str | os.PathLike, eos: str | None = None):
     except Exception as e:  # the Rust side raises a bare Exception for any malformed file
         raise ValueError(f"--tokenizer {file}: not a `tokenizers` tokenizer.json ({e})") from e
     config_path = file.with_name(TOKENIZER_CONFIG)
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    try:
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--tokenizer: {config_path} is not a readable JSON file ({e})") from None
 
     def token_id(token: str, what: str) -> int:
         i = tok.token_to_id(token)
@@ -221,7 +225,7 @@ class _SourceReader:
         self.hash = hashlib.blake2b(digest_size=16)
         self.offset, self.lines = 0, lines
         while self.offset < offset:
-            chunk = self.f.read(min(offset - self.offset, self.block))
+            chunk = self._read(min(offset - self.offset, self.block))
             if not chunk:
                 break
             self.hash.update(chunk)
@@ -230,6 +234,14 @@ class _SourceReader:
     def prefix_blake2b(self) -> str:
         return self.hash.hexdigest()
 
+    def _read(self, n: int) -> bytes:
+        """Up to n bytes (all with -1); a damaged or truncated file is a ValueError naming it."""
+        try:
+            return self.f.read(n)
+        except (EOFError, OSError, zlib.error) as e:
+            raise ValueError(f"--input {self.path}: cannot be read past byte {self.offset} of its content "
+                             f"({type(e).__name__}: {e}); is it truncated or damaged?") from None
+
     def close(self) -> None:
         self.raw.close()
 
@@ -237,11 +249,11 @@ class _SourceReader:
         """The remaining blocks; the last one is flagged (an empty file still yields one)."""
         try:
             if self.kind == "txt":
-                yield self._job(self.f.read(), True)
+                yield self._job(self._read(-1), True)
                 return
             tail = b""
             while True:
-                chunk = self.f.read(self.block)
+                chunk = self._read(self.block)
                 if not chunk:
                     yield self._job(tail, True)  # a last line without its newline (often b"")
                     return
@@ -526,6 +538,8 @@ def prepare(tokenizer: str | os.PathLike, inputs: list[str | os.PathLike], outpu
     dtype = "uint16" if info.vocab_size <= 1 << 16 else "uint32"
     settings = _settings(info, dtype, text_field, val_every, shard_tokens)
     out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {out} is a file, not a folder")
     if out.exists():
         if (out / META_FILE).is_file():
             meta = read_meta(out)

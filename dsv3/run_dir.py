@@ -113,6 +113,21 @@ class RunDir:
         os.replace(tmp, self.metrics_path)
 
 
+def _nth(name: str, n: int) -> Path:
+    return Path("runs") / (name if n == 1 else f"{name}-{n}")
+
+
+def resume_folder(out: Path | None, name: str) -> Path:
+    """The folder a --resume run takes (nothing is locked here): --out as given, else the newest of runs/NAME,
+    runs/NAME-2, ... numbered without a gap."""
+    if out is not None:
+        return out
+    n = 1
+    while holds_run(_nth(name, n)):
+        n += 1
+    return _nth(name, max(n - 1, 1))
+
+
 def claim(out: Path | None, name: str, resume: bool) -> RunDir:
     """The locked RunDir for this run (rank 0): --out as given, else the default runs/NAME[-N] (see the module
     docstring). Raises RunDirError for a folder another run holds, a fresh run on a folder that holds a run, and a
@@ -125,16 +140,13 @@ def claim(out: Path | None, name: str, resume: bool) -> RunDir:
         _check_use(out, resume)  # again under the lock: a run that held it may have just written a step
         return run
 
-    def nth(n: int) -> Path:
-        return Path("runs") / (name if n == 1 else f"{name}-{n}")
-
+    if resume:
+        return claim(resume_folder(None, name), name, resume)
     n = 1
-    while holds_run(nth(n)):
+    while holds_run(_nth(name, n)):
         n += 1
-    if resume:  # the newest of the runs numbered without a gap
-        return claim(nth(max(n - 1, 1)), name, resume)
     while True:
-        run = RunDir(nth(n))
+        run = RunDir(_nth(name, n))
         if run.try_lock():
             if not holds_run(run.path):  # re-checked under the lock: another run may have just written there
                 return run

@@ -77,11 +77,12 @@ import torch.distributed as dist
 from ..parallel import (CheckpointError, apply_expert_parallel, apply_fsdp, build_meshes, check_ep_degree,
                         clip_grad_norm_, init_sharded_, load_checkpoint, load_model_weights, local_device,
                         read_train_state, save_checkpoint)
-from ..parallel.checkpoint import check_model_entries, complete_checkpoints, is_complete, verify_checksums
+from ..parallel.checkpoint import (CONFIG_FILE, check_model_entries, complete_checkpoints, is_complete,
+                                   verify_checksums)
 from .config import PRESETS, DeepseekV3Config
 from .data import batch, load_corpus
 from .moe import collect_aux_loss, set_seq_aux_denominator, update_expert_bias
-from .run_dir import RunDir, RunDirError, claim
+from .run_dir import RunDir, RunDirError, claim, resume_folder
 from .schedules import Schedules
 
 
@@ -105,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint's step_XXXXXXXX folder (any world size / EP degree)")
     p.add_argument("--ep", type=int, default=None,
                    help="expert-parallel degree inside each pipeline stage (default gcd(world / pp, experts))")
-    p.add_argument("--steps", type=int, default=200, help="train steps 1..STEPS")
+    p.add_argument("--steps", type=int, default=200,
+                   help="train steps 1..STEPS (default 200; with --resume, the end of the checkpoint's LR schedule)")
     p.add_argument("--batch-size", type=int, default=16, help="global batch in sequences, split over ranks")
     p.add_argument("--micro-batch-size", type=int, default=None, metavar="M",
                    help="sequences per rank per forward; the step accumulates batch / (dp * M) micro-batches "
@@ -386,6 +388,54 @@ def _check_resume(args, state: dict, recorded: dict, ckpt: Path) -> None:
               "cannot check that they match", file=sys.stderr, flush=True)
 
 
+def _given_options(argv: list[str] | None) -> set[str]:
+    """The destinations of the options given on the command line (not left at their defaults)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def _defaults_from_checkpoint(args, argv: list[str] | None) -> None:
+    """--resume: the options a checkpoint records (seed, batch layout, data, schedules, weight decay, clipping)
+    default to the newest checkpoint's values, the model to its config.json and --steps to the end of its LR
+    schedule, so `--out DIR --resume` alone continues the run to its planned end; an option given on the command
+    line must match (_check_resume, _check_resume_config). Nothing is read when the folder has no complete
+    checkpoint or its train state is unreadable: the checks after claim() report those."""
+    folder = resume_folder(Path(args.out) if args.out else None, _run_name(args))
+    ckpts = complete_checkpoints(folder) if folder.is_dir() else []
+    if not ckpts:
+        return
+    try:
+        recorded = read_train_state(ckpts[-1])
+    except CheckpointError:
+        return
+    args.out = str(folder)  # the folder found here, whatever --preset becomes below
+    given = _given_options(argv)
+    for key, value in recorded.items():
+        if key in vars(args) and key not in given:
+            setattr(args, key, value)
+    if "steps" not in given and recorded.get("decay_steps"):  # continue to where the schedule ends
+        args.steps = recorded["decay_steps"]
+    config = ckpts[-1] / CONFIG_FILE
+    if args.preset is None and args.init_from is None and config.is_file():
+        args.preset = str(config)
+
+
+def _check_resume_config(model_config: dict, ckpt: Path) -> None:
+    """Refuse to resume `ckpt` with another model config than the config.json it carries."""
+    path = ckpt / CONFIG_FILE
+    if not path.is_file():  # written by a version that did not record it
+        return
+    saved, ours = json.loads(path.read_text()), json.loads(json.dumps(model_config))
+    diff = sorted(k for k in saved.keys() | ours.keys() if saved.get(k) != ours.get(k))
+    if diff:
+        shown = ", ".join(f"{k} {saved.get(k)!r} there, {ours.get(k)!r} here" for k in diff[:3])
+        raise ValueError(f"--resume: checkpoint {ckpt} was trained with another model config ({shown}"
+                         + (f", and {len(diff) - 3} more" if len(diff) > 3 else "") + f"); leave --preset out to "
+                         f"use its {CONFIG_FILE}")
+
+
 def _run_name(args) -> str:
     """The folder name of a run without --out: the preset's, or the --init-from folder's."""
     if args.preset is None and args.init_from is not None:
@@ -436,7 +486,7 @@ def _parallelize(model, cfg, seed: int, ep: int, meshes, device, param_dtype, in
     # init of the local shards means no parameter can start from to_empty's garbage.
     init_sharded_(model, seed, rule)
     if init_from is not None:
-        load_model_weights(model, init_from, strict=strict)
+        load_model_weights(model, init_from, strict=strict, verify=False)  # _check_init_from verified it
     return model
 
 
@@ -582,6 +632,8 @@ def setup(argv: list[str] | None = None) -> Run | None:
     for --resume). Returns None when a resume has nothing left to do."""
     t_imports = time.perf_counter()
     args = build_parser().parse_args(argv)
+    if args.resume:
+        _defaults_from_checkpoint(args, argv)
     cfg = _load_config(args.preset, args.init_from)
     model_config = cfg.to_hf(for_transformers=False)  # written into every checkpoint (before the run-time --ac)
     cfg = cfg.replace(activation_checkpointing=args.ac)
@@ -615,6 +667,8 @@ def setup(argv: list[str] | None = None) -> Run | None:
             choice = [str(run_dir.path), str(latest[-1]) if args.resume else None]
         except (RunDirError, CheckpointError) as e:
             choice = [None, f"{type(e).__name__}:{e}"]
+        except OSError as e:  # a folder that cannot be made (read-only place, a file on the path): every rank stops
+            choice = [None, f"RunDirError:--out {args.out or 'runs/'}: cannot use it ({e.strerror or e})"]
     dist.broadcast_object_list(choice, src=0)
     if choice[0] is None:
         kind, _, msg = choice[1].partition(":")
@@ -624,10 +678,7 @@ def setup(argv: list[str] | None = None) -> Run | None:
         if resume_from is not None:
             resume_from = _verified(resume_from, out)
             recorded = read_train_state(resume_from)
-            if args.decay_steps is None and recorded.get("decay_steps") is not None:
-                args.decay_steps = recorded["decay_steps"]
-            if args.warmup is None and recorded.get("warmup") is not None:
-                args.warmup = recorded["warmup"]
+            _check_resume_config(model_config, resume_from)
         schedules = Schedules.from_args(args, *_schedule_lengths(args))
         train_state = _train_state(args, corpus, schedules)
         if resume_from is not None:
@@ -664,7 +715,7 @@ def setup(argv: list[str] | None = None) -> Run | None:
             enable_fp8(model, fp8_cache)
         start, last_ckpt = 1, resume_from
         if resume_from is not None:
-            start = load_checkpoint(resume_from, parts, optimizers)["step"] + 1
+            start = load_checkpoint(resume_from, parts, optimizers, verify=False)["step"] + 1  # _verified() did
         if args.compile:
             for part in parts:
                 _compile_blocks(part, args.compile_backend)
@@ -685,9 +736,7 @@ def setup(argv: list[str] | None = None) -> Run | None:
                   pipeline=pipeline, n_params=_count_params(cfg))
         if rank == 0:
             run.metrics = open(run_dir.metrics_path, "a")
-            if args.tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-
+            if args.tensorboard:  # SummaryWriter was imported (and its absence refused) before anything was built
                 run.tensorboard = SummaryWriter(str(out / "tb"), purge_step=start)
         run.timings = {"imports": _seconds_since_process_start(t_imports), "process group": t_group - t_imports,
                        "config, data": t_data - t_group, "model": t_build - t_data}

@@ -33,9 +33,9 @@ else:
                       grouped_gemm_fp8_wgrad_torch, grouped_linear_fp8, grouped_linear_fp8_torch, quantize_fp8_blocks,
                       quantize_fp8_blocks_torch, quantize_fp8_cols, quantize_fp8_cols_torch, quantize_fp8_rows,
                       quantize_fp8_rows_torch, quantize_fp8_weight)
-    from .grouped_gemm import (gather_grouped_gemm, gather_grouped_gemm_torch, gather_grouped_gemm_unchecked,
-                               grouped_gemm, grouped_gemm_torch, permute_grouped_gemm)
-    from .permute import SourceRows, permute, permute_torch, route, unpermute, unpermute_torch, unpermute_unchecked
+    from .grouped_gemm import (gather_grouped_gemm, gather_grouped_gemm_torch, grouped_gemm, grouped_gemm_torch,
+                               permute_grouped_gemm)
+    from .permute import SourceRows, permute, permute_torch, route, unpermute, unpermute_torch
     from .swiglu import swiglu, swiglu_torch
 
 __all__ = [

@@ -312,7 +312,7 @@ def _route(topk_idx_TK: torch.Tensor, num_experts: int):
 @dataclass(frozen=True)
 class SourceRows:
     """Where each row of a grouped GEMM's input comes from, when the GEMM gathers its rows in its operand loads
-    instead of reading a copy (kernels.gather_grouped_gemm_unchecked)."""
+    instead of reading a copy (grouped_gemm.gather_grouped_gemm_unchecked)."""
     index: torch.Tensor    # [R] int64: row r of the GEMM's input is x[index[r]]
     inverse: torch.Tensor  # [S, C] int64: each r once, at (s, c) with index[r] = s; dX[s] = sum_c dA[inverse[s, c]]
 

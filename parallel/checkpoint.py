@@ -32,6 +32,7 @@ import pickle
 import random
 import re
 import shutil
+import warnings
 import zlib
 from pathlib import Path
 
@@ -130,10 +131,13 @@ def load_dcp(state: dict, path: str | os.PathLike, allow_partial_load: bool = Fa
     """dcp.load(state) from folder `path` through SafeFileSystemReader and SafeLoadPlanner; any failure becomes one
     CheckpointError "{what} {path}: {reason}". no_dist defaults to "no process group is initialised"."""
     path = Path(path)
+    no_dist = not dist.is_initialized() if no_dist is None else no_dist
     try:
-        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)),
-                 planner=SafeLoadPlanner(allow_partial_load=allow_partial_load),
-                 no_dist=not dist.is_initialized() if no_dist is None else no_dist)
+        with warnings.catch_warnings():
+            if no_dist:  # chosen here, not assumed: torch's "assuming the intent is to load in a single process"
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=SafeFileSystemReader(str(path)),
+                     planner=SafeLoadPlanner(allow_partial_load=allow_partial_load), no_dist=no_dist)
     except CheckpointError:
         raise
     # DCP raises many types (missing keys, shape mismatch), and CheckpointException derives from BaseException:
@@ -382,18 +386,21 @@ def _has_flat_optimizer_state(path: Path) -> bool:
     return not groups or any(not k.split(".")[2].isdigit() for k in groups)
 
 
-def load_checkpoint(path: str | os.PathLike, model, optimizer=None, train_state: dict | None = None) -> dict:
+def load_checkpoint(path: str | os.PathLike, model, optimizer=None, train_state: dict | None = None,
+                    verify: bool = True) -> dict:
     """Load a checkpoint written by save_checkpoint into model/optimizer (any world size, EP or pipeline degree;
     `model` and `optimizer` as save_checkpoint takes them).
 
     `train_state` gives the keys (and their types, by example values) to read back from "train"; "step" is
     always read, and keys the checkpoint does not hold (written by an older version) are left out of the
     result. Restores this rank's RNG states when the checkpoint was saved with the same world size.
-    Returns the training state dict. Collective over all ranks.
+    Returns the training state dict. Collective over all ranks. verify=False skips the checksum pass (for a
+    caller that already verified the folder).
     """
     path = Path(path)
     _check_readable(path)
-    verify_checksums(path)
+    if verify:
+        verify_checksums(path)
     stored = set(_stored_train_keys(path))
     wanted = {k: v for k, v in {"step": 0, **(train_state or {})}.items() if k in stored or k == "step"}
     model_sd, optim_sd, keys = _state_dicts(model, optimizer)
@@ -444,16 +451,19 @@ def check_model_entries(path: str | os.PathLike, sd: dict, strict: bool | str = 
         raise CheckpointError(f"{path} does not fit this model: " + "; ".join(problems[:5]) + more)
 
 
-def load_model_weights(model: nn.Module, dcp_dir: str | os.PathLike, strict: bool | str = True) -> nn.Module:
+def load_model_weights(model: nn.Module, dcp_dir: str | os.PathLike, strict: bool | str = True,
+                       verify: bool = True) -> nn.Module:
     """Load only the "model" entry of a DCP checkpoint (a full training checkpoint or a weights-only one
     from the converter) into `model`, whatever its sharding: plain, EP DTensors, FSDP. Works with or without
     an initialised process group. Global shapes are checked against the checkpoint first (CheckpointError
     naming the keys); strict (default) also requires the same keys, strict=False tolerates keys missing from
     the checkpoint and extra ones in it, strict="part" requires every key of `model` but tolerates the
-    checkpoint's others (a pipeline stage loading its part of the whole model)."""
+    checkpoint's others (a pipeline stage loading its part of the whole model). verify=False skips the checksum
+    pass for a caller that already ran verify_checksums on the folder (it reads every byte once)."""
     path = Path(dcp_dir)
     _check_readable(path)
-    verify_checksums(path)
+    if verify:
+        verify_checksums(path)
     sd = get_model_state_dict(model)
     check_model_entries(path, sd, strict)
     load_dcp({"model": sd}, path, allow_partial_load=strict is not True, what="cannot load model weights from")

@@ -188,6 +188,22 @@ def test_prepare_errors(corpus, tmp_path):
         prepare(corpus["tok"], [tmp_path / "x.csv"], tmp_path / "o7", log=_quiet)
     with pytest.raises(ValueError, match="no tokenizer.json there"):
         prepare(tmp_path, [src], tmp_path / "o8", log=_quiet)
+    # Before: a truncated .jsonl.gz ended in a bare EOFError traceback, an --output that is a file was found only
+    # after the whole corpus was tokenized, and a broken tokenizer_config.json was a JSON error naming no file.
+    import gzip
+
+    whole = gzip.compress(b"".join(json.dumps({"text": d}).encode() + b"\n" for d in corpus["docs"][:200]))
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(ValueError, match=r"--input .*cut\.jsonl\.gz: cannot be read past byte"):
+        prepare(corpus["tok"], [cut], tmp_path / "o9", workers=1, log=_quiet)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match="--output .*a_file is a file, not a folder"):
+        prepare(corpus["tok"], [src], tmp_path / "a_file", overwrite=True, log=_quiet)
+    broken = _write_tokenizer(tmp_path / "broken", corpus["docs"][:50], None)
+    Path(broken, "tokenizer_config.json").write_text("{\n")
+    with pytest.raises(ValueError, match=r"broken/tokenizer_config\.json is not a readable JSON file"):
+        prepare(broken, [src], tmp_path / "o10", log=_quiet)
 
 
 class _Stop(Exception):

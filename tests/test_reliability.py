@@ -240,6 +240,28 @@ def test_14_steps_below_the_checkpoint_say_there_is_nothing_to_do(tmp_path):
     assert res.returncode == 0 and "nothing to do" in res.stdout and "step 2 >= --steps 1" in res.stdout, res.stdout
 
 
+def test_resume_with_only_out_continues_the_run_it_finds(tmp_path):
+    # Before: `--out DIR --resume` alone fell back to the defaults of --batch-size, --seq-len, --lr, --data, the
+    # preset (tiny)... and was refused for differing from the checkpoint, and another --preset of the same shapes
+    # resumed silently. Now the checkpoint's recorded options, its config.json and its schedule's end are the
+    # defaults, and a model config that differs is refused.
+    import json
+
+    from helpers import tiny_aux_preset
+
+    run = [*COMMON, "--lr", "1e-3", "--preset", tiny_aux_preset(tmp_path), "--decay-steps", "3"]
+    assert _cli([*run, "--steps", "3", "--out", str(tmp_path / "whole")]).returncode == 0
+    assert _cli([*run, "--steps", "2", "--out", str(tmp_path / "cut")]).returncode == 0
+    res = _cli(["--out", str(tmp_path / "cut"), "--resume"])
+    assert res.returncode == 0, res.stderr
+    losses = {name: [json.loads(ln)["loss"] for ln in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+              for name in ("whole", "cut")}
+    assert losses["cut"] == losses["whole"]  # steps 1-2, then 3 from the checkpoint: bit-identical
+    res = _cli(["--out", str(tmp_path / "cut"), "--resume", "--steps", "4", "--preset", "tiny"])
+    assert res.returncode == 2 and "another model config (" in res.stderr, res.stderr
+    assert "seq_aux_loss_alpha 0.01 there, 0.0 here" in res.stderr, res.stderr
+
+
 # ----------------------------------------------------------------------------- 5. corrupted checkpoint bytes
 def _corrupt(root: str) -> dict:
     from tritonmoe.parallel import CheckpointError, load_model_weights
@@ -337,6 +359,7 @@ def test_13_user_errors_are_one_line(tmp_path):
     cases = [(["--preset", str(tmp_path / "folder")], "the folder holds no config.json"),
              (["--preset", str(tmp_path / "broken.json")], "is not a readable JSON config"),
              (["--out", str(tmp_path / "afile")], "is a file, not a folder"),
+             (["--out", str(tmp_path / "afile" / "sub")], r"--out .*afile/sub: cannot use it \(Not a directory\)"),
              (["--init-from", str(hf)], "not a DCP checkpoint .* convert it first"),
              (["--seed", "1e20"], "invalid int value")]
     import re
