@@ -396,20 +396,21 @@ def _given_options(argv: list[str] | None) -> set[str]:
     return set(vars(parser.parse_args(argv)))
 
 
-def _defaults_from_checkpoint(args, argv: list[str] | None) -> None:
+def _defaults_from_checkpoint(args, argv: list[str] | None) -> tuple[Path, dict] | None:
     """--resume: the options a checkpoint records (seed, batch layout, data, schedules, weight decay, clipping)
     default to the newest checkpoint's values, the model to its config.json and --steps to the end of its LR
     schedule, so `--out DIR --resume` alone continues the run to its planned end; an option given on the command
-    line must match (_check_resume, _check_resume_config). Nothing is read when the folder has no complete
-    checkpoint or its train state is unreadable: the checks after claim() report those."""
+    line must match (_check_resume, _check_resume_config). Returns (checkpoint, its train state) for setup to
+    reuse, or None when the folder has no complete checkpoint or its train state is unreadable: the checks after
+    claim() report those."""
     folder = resume_folder(Path(args.out) if args.out else None, _run_name(args))
     ckpts = complete_checkpoints(folder) if folder.is_dir() else []
     if not ckpts:
-        return
+        return None
     try:
         recorded = read_train_state(ckpts[-1])
     except CheckpointError:
-        return
+        return None
     args.out = str(folder)  # the folder found here, whatever --preset becomes below
     given = _given_options(argv)
     for key, value in recorded.items():
@@ -420,6 +421,7 @@ def _defaults_from_checkpoint(args, argv: list[str] | None) -> None:
     config = ckpts[-1] / CONFIG_FILE
     if args.preset is None and args.init_from is None and config.is_file():
         args.preset = str(config)
+    return ckpts[-1], recorded
 
 
 def _check_resume_config(model_config: dict, ckpt: Path) -> None:
@@ -632,8 +634,7 @@ def setup(argv: list[str] | None = None) -> Run | None:
     for --resume). Returns None when a resume has nothing left to do."""
     t_imports = time.perf_counter()
     args = build_parser().parse_args(argv)
-    if args.resume:
-        _defaults_from_checkpoint(args, argv)
+    found = _defaults_from_checkpoint(args, argv) if args.resume else None
     cfg = _load_config(args.preset, args.init_from)
     model_config = cfg.to_hf(for_transformers=False)  # written into every checkpoint (before the run-time --ac)
     cfg = cfg.replace(activation_checkpointing=args.ac)
@@ -677,7 +678,8 @@ def setup(argv: list[str] | None = None) -> Run | None:
     try:
         if resume_from is not None:
             resume_from = _verified(resume_from, out)
-            recorded = read_train_state(resume_from)
+            # Read once: the train state _defaults_from_checkpoint read, when it is this (now verified) checkpoint.
+            recorded = found[1] if found and found[0] == resume_from else read_train_state(resume_from)
             _check_resume_config(model_config, resume_from)
         schedules = Schedules.from_args(args, *_schedule_lengths(args))
         train_state = _train_state(args, corpus, schedules)
